@@ -1,0 +1,110 @@
+"""What goes into the engine and what comes out of it.
+
+A caller builds an `EngineRequest` (prompt, optional prefix, sampling) and hands it to
+`Engine.submit`, which returns a stream of `TextDelta` events ending with one `Finished` event.
+Request state inside the engine is one `Status` enum plus counters on `Request`.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from prefix_registry.fingerprint import ModelFingerprint
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    seed: int | None = None  # makes a sampled output reproducible whatever else is in the batch
+    stop: tuple[str, ...] = ()  # stop strings; never part of the output
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class PrefixSource:
+    """A prefix as the engine receives it: its tensors plus what identifies them.
+
+    `tensors` holds either {"p_theta": [num_layers, prefix_len, d_model]} (the seed's form) or
+    {"keys", "values"}: each [num_layers, num_kv_heads, prefix_len, head_dim] (the direct form).
+    The engine's prefix cache keys on `content_hash`, so a replaced prefix never serves stale K/V.
+    """
+
+    content_hash: str  # sha256 of the tensor bytes
+    name: str  # for reports and errors
+    version: int
+    form: str  # "p_theta" | "kv"
+    prefix_len: int
+    tensors: dict[str, torch.Tensor]
+    fingerprint: ModelFingerprint | None = None  # the model it was made for; None = unchecked
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    prompt: str | list[int]  # text, or token ids already encoded
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    prefix: PrefixSource | None = None
+    request_id: str = ""  # assigned by the engine when empty
+    add_special_tokens: bool = True
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    prefix_tokens: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_s: float  # arrival -> admitted into the running batch
+    ttft_s: float | None  # arrival -> first token (None if none was produced)
+    total_s: float  # arrival -> finished
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str  # always valid text; the deltas concatenate to the full output
+    token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: FinishReason
+    usage: Usage
+    timings: Timings
+    error_type: str | None = None  # set when finish_reason is ERROR (a ServeError.type)
+    error_message: str | None = None
+
+
+Event = TextDelta | Finished
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A whole (non-streamed) result: the concatenated deltas plus the final event."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: Finished
+
+
+def now() -> float:
+    return time.perf_counter()

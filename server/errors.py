@@ -1,0 +1,93 @@
+"""The server's one error tree.
+
+Each error carries the HTTP status and a machine-readable `type`; `server/api/errors.py` renders
+every one of them as `{"error": {"type": ..., "message": ...}}`. The engine raises these too (it
+knows the classes, not HTTP). `RequestError`s fail one request; `FatalEngineError` means the
+engine is dead and the server is not ready.
+"""
+
+from __future__ import annotations
+
+
+class ServeError(Exception):
+    status_code: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class RequestError(ServeError):
+    """One request failed; everything else goes on."""
+
+
+class InvalidRequestError(RequestError):
+    status_code = 400
+    type = "invalid_request"
+
+
+class ContextLengthError(InvalidRequestError):
+    type = "context_length_exceeded"
+
+
+class AuthenticationError(RequestError):
+    status_code = 401
+    type = "authentication_error"
+
+
+class PermissionDeniedError(RequestError):
+    status_code = 403
+    type = "permission_denied"
+
+
+class NotFoundError(RequestError):
+    status_code = 404
+    type = "not_found"
+
+
+class ConflictError(RequestError):
+    status_code = 409
+    type = "conflict"
+
+
+class PayloadTooLargeError(RequestError):
+    status_code = 413
+    type = "payload_too_large"
+
+
+class ValidationError(RequestError):
+    status_code = 422
+    type = "validation_error"
+
+
+class IncompatiblePrefixError(ValidationError):
+    type = "incompatible_prefix"
+
+
+class OverloadedError(RequestError):
+    status_code = 429
+    type = "overloaded"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UnavailableError(ServeError):
+    status_code = 503
+    type = "unavailable"
+
+
+class ShuttingDownError(UnavailableError):
+    type = "shutting_down"
+
+
+class RegistryUnavailableError(UnavailableError):
+    type = "registry_unavailable"
+
+
+class FatalEngineError(UnavailableError):
+    """The engine loop died; no request can be served until restart."""
+
+    type = "engine_dead"
