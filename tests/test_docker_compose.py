@@ -1,0 +1,169 @@
+"""The container setup, checked without a Docker engine.
+
+`docker-compose config` / `docker compose config` validates the compose file when such a binary is
+installed (that part is skipped otherwise; nothing is installed here). The YAML and the Dockerfile
+are always parsed and checked, and the health-check script runs against a real HTTP server.
+"""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "docker" / "Dockerfile"
+HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
+SERVER_ENV = ("MODEL", "HOST", "PORT", "REDIS_URL", "ADMIN_KEY", "DEVICE", "DTYPE")
+
+
+def _compose_commands() -> list[list[str]]:
+    commands = []
+    if shutil.which("docker-compose"):
+        commands.append(["docker-compose"])
+    if shutil.which("docker"):
+        probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+        if probe.returncode == 0:
+            commands.append(["docker", "compose"])
+    return commands
+
+
+def _compose_config(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*command, "-f", str(COMPOSE), "config"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("command", _compose_commands() or [None], ids=lambda c: str(c))
+def test_compose_config_validates(command: list[str] | None) -> None:
+    if command is None:
+        pytest.skip("no docker-compose / docker compose binary installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_SERVE_")}
+    refused = _compose_config(command, env)
+    assert refused.returncode != 0 and "PREFIX_SERVE_ADMIN_KEY" in refused.stderr
+    result = _compose_config(command, env | {"PREFIX_SERVE_ADMIN_KEY": "k"})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert services["server"]["environment"]["PREFIX_SERVE_ADMIN_KEY"] == "k"
+    assert services["server"]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return data
+
+
+def test_redis_service(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    assert redis["image"] == "redis:7"
+    assert redis["healthcheck"]["test"][1:] == ["redis-cli", "ping"]
+
+
+def test_server_service(compose: dict[str, Any]) -> None:
+    server = compose["services"]["server"]
+    assert server["build"]["dockerfile"] == "docker/Dockerfile"
+    assert (ROOT / server["build"]["context"] / server["build"]["dockerfile"]).is_file()
+    assert server["depends_on"] == {"redis": {"condition": "service_healthy"}}
+    assert "8000:8000" in server["ports"]
+    env = server["environment"]
+    assert sorted(env) == sorted(f"PREFIX_SERVE_{name}" for name in SERVER_ENV)
+    assert env["PREFIX_SERVE_REDIS_URL"] == "redis://redis:6379/0"
+    assert (env["PREFIX_SERVE_HOST"], env["PREFIX_SERVE_PORT"]) == ("0.0.0.0", "8000")
+    assert env["PREFIX_SERVE_MODEL"].endswith("/models/model}")
+    assert any(volume.split(":")[1] == "/models" for volume in server["volumes"])
+    check = server["healthcheck"]["test"]
+    assert check[0] == "CMD" and "/ready" in check
+    assert "prefix-serve-healthcheck" in " ".join(check)
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
+    text = "\n".join(
+        line for line in DOCKERFILE.read_text().splitlines() if not line.lstrip().startswith("#")
+    ).replace("\\\n", " ")
+    rows = [line.split(None, 1) for line in text.splitlines() if line.strip()]
+    return [(row[0].upper(), row[1] if len(row) > 1 else "") for row in rows]
+
+
+def test_dockerfile_base_arg_install_and_entrypoint() -> None:
+    instructions = _instructions()
+    names = [name for name, _ in instructions]
+    assert instructions[0] == ("ARG", "BASE_IMAGE=python:3.11-slim")  # before FROM: global arg
+    assert ("FROM", "${BASE_IMAGE}") in instructions
+    args = " ".join(value for name, value in instructions if name == "ARG")
+    assert "TORCH_VERSION=2.13.0" in args
+    assert "TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in args
+    assert any(name == "RUN" and "pip install ." in value for name, value in instructions)
+    assert ("CMD", '["prefix-serve"]') in instructions
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["prefix-serve"] == "server.__main__:main"
+    assert names.count("HEALTHCHECK") == 1 and "EXPOSE" in names
+    health = dict(instructions)["HEALTHCHECK"]
+    assert "curl" not in health and "prefix-serve-healthcheck" in health and "/ready" in health
+
+
+def test_dockerfile_copies_only_what_exists_and_is_not_ignored() -> None:
+    ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
+    for name, value in _instructions():
+        if name == "COPY":
+            for source in value.split()[:-1]:
+                assert (ROOT / source).exists(), source
+                assert source.rstrip("/") not in ignored, source
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        self.send_response(200 if self.path == "/ready" else 503)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture()
+def http_port() -> Iterator[int]:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def _health(port: int, path: str) -> int:
+    env = os.environ | {"PREFIX_SERVE_PORT": str(port)}
+    result = subprocess.run(
+        [sys.executable, str(HEALTHCHECK), path], env=env, capture_output=True, timeout=30
+    )
+    return result.returncode
+
+
+def test_healthcheck_script_follows_the_status(http_port: int) -> None:
+    assert _health(http_port, "/ready") == 0
+    assert _health(http_port, "/not-ready") == 1  # a 503 is unhealthy
+
+
+@pytest.fixture()
+def closed_port() -> Iterator[int]:
+    """A local port that is bound but not listening: connections are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def test_healthcheck_script_fails_when_nothing_listens(closed_port: int) -> None:
+    assert _health(closed_port, "/ready") == 1
