@@ -1,0 +1,66 @@
+"""The registry's own error tree (the server maps each class to an HTTP status).
+
+```
+RegistryError
+├── NotFoundError
+│   ├── PrefixNotFoundError
+│   ├── TenantNotFoundError
+│   └── ApiKeyNotFoundError
+├── InvalidPrefixError            bad input; the message names the problem
+│   ├── FingerprintMismatchError  made for another base model
+│   └── UnsafeFileError           pickle / torch checkpoint / unsafe archive member
+├── PrefixTooLargeError           over a size limit
+├── ConflictError                 already exists
+└── RegistryUnavailableError      the backend (Redis) is down or timing out
+```
+"""
+
+from __future__ import annotations
+
+
+class RegistryError(Exception):
+    """Base of every error the registry raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFoundError(RegistryError):
+    """Something looked up by name does not exist."""
+
+
+class PrefixNotFoundError(NotFoundError):
+    pass
+
+
+class TenantNotFoundError(NotFoundError):
+    pass
+
+
+class ApiKeyNotFoundError(NotFoundError):
+    pass
+
+
+class InvalidPrefixError(RegistryError):
+    """The input is not a valid prefix (shape, dtype, values, name, file format...)."""
+
+
+class FingerprintMismatchError(InvalidPrefixError):
+    """The prefix was made for a different base model."""
+
+
+class UnsafeFileError(InvalidPrefixError):
+    """A file that could run code when loaded (pickle, torch checkpoint), or an unsafe archive."""
+
+
+class PrefixTooLargeError(RegistryError):
+    """The prefix or upload is over a configured size limit."""
+
+
+class ConflictError(RegistryError):
+    """The thing to create already exists."""
+
+
+class RegistryUnavailableError(RegistryError):
+    """The storage backend can't be reached right now; retrying later may succeed."""

@@ -1,0 +1,220 @@
+"""The embedded prefix store: a directory on disk, the default when no Redis URL is set.
+
+Same protocol and guarantees as the Redis store within one machine: versions are allocated under
+a file lock (so several processes may share the directory), files are written atomically, and a
+version number is never reused. Change callbacks reach subscribers in this process only; other
+processes sharing the directory are not notified (use Redis for several server processes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from prefix_registry.artifact import PrefixArtifact, PrefixMeta
+from prefix_registry.errors import (
+    ApiKeyNotFoundError,
+    ConflictError,
+    PrefixNotFoundError,
+    RegistryUnavailableError,
+    TenantNotFoundError,
+)
+from prefix_registry.local_files import LocalFiles
+from prefix_registry.store import (
+    DEFAULT_PAGE_SIZE,
+    ApiKeyInfo,
+    InvalidationCallback,
+    KeyList,
+    MetaList,
+    Notifier,
+    Page,
+    ResetCallback,
+    Subscription,
+    TenantInfo,
+    TenantList,
+    clamp_limit,
+)
+from prefix_registry.validation import (
+    KEY_HASH_RE,
+    NAME_RE,
+    Limits,
+    parse_ref,
+    validate_key_hash,
+    validate_name,
+)
+
+T = TypeVar("T")
+
+
+class LocalStore:
+    """PrefixStore in a local directory (created on first write)."""
+
+    def __init__(self, directory: str | Path, *, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.directory = Path(directory)
+        self._files = LocalFiles(self.directory)
+        self._notifier = Notifier()
+
+    async def _io(self, fn: Callable[..., T], *args: object) -> T:
+        """Run blocking file work in a thread; disk failures become RegistryUnavailableError."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except OSError as e:
+            raise RegistryUnavailableError(f"prefix registry directory failed: {e}") from e
+
+    # ---- prefixes -------------------------------------------------------------------------
+
+    async def put(self, artifact: PrefixArtifact) -> PrefixMeta:
+        await asyncio.to_thread(artifact.validate, self.limits)
+        tenant, name = artifact.meta.tenant, artifact.meta.name
+        if not await self.tenant_exists(tenant):
+            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+        version = await self._io(self._files.allocate_version, tenant, name)
+        stored = artifact.stored_as(version, time.time())
+        blob = await asyncio.to_thread(stored.to_bytes)
+        await self._io(self._files.write_version, tenant, name, version, blob)
+        await self._notifier.changed(tenant, name)
+        return stored.meta
+
+    async def get(self, tenant: str, ref: str) -> PrefixArtifact:
+        blob = await self._resolve(tenant, ref, self._files.read_blob)
+        return await asyncio.to_thread(PrefixArtifact.from_bytes, blob)
+
+    async def get_meta(self, tenant: str, ref: str) -> PrefixMeta:
+        meta: PrefixMeta = await self._resolve(tenant, ref, self._files.read_meta)
+        return meta
+
+    async def exists(self, tenant: str, ref: str) -> bool:
+        validate_name(tenant, "tenant name")
+        name, version = parse_ref(ref)
+        found = await self._io(self._files.version_numbers, tenant, name)
+        return bool(found) if version is None else version in found
+
+    async def list(
+        self, tenant: str, *, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None
+    ) -> Page:
+        validate_name(tenant, "tenant name")
+        limit = clamp_limit(limit)
+        if cursor is not None:
+            validate_name(cursor, "cursor")
+        if not await self.tenant_exists(tenant):
+            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+        items = await self._io(self._page, tenant, limit + 1, cursor)
+        more = len(items) > limit
+        return Page(items=items[:limit], next_cursor=items[limit - 1].name if more else None)
+
+    def _page(self, tenant: str, count: int, cursor: str | None) -> MetaList:
+        """Up to `count` latest metas of names after `cursor` (blocking)."""
+        items: MetaList = []
+        for name in self._files.names(tenant):
+            if len(items) == count:
+                break
+            if cursor is not None and name <= cursor:
+                continue
+            found = self._files.version_numbers(tenant, name)
+            meta = self._files.read_meta(tenant, name, found[-1]) if found else None
+            if meta is not None:
+                items.append(meta)
+        return items
+
+    async def versions(self, tenant: str, name: str) -> MetaList:
+        validate_name(tenant, "tenant name")
+        validate_name(name)
+        numbers = await self._io(self._files.version_numbers, tenant, name)
+        metas = [await self._io(self._files.read_meta, tenant, name, v) for v in numbers]
+        found = [m for m in metas if m is not None]
+        if not found:
+            raise PrefixNotFoundError(f"prefix {name!r} not found")
+        return found
+
+    async def delete(self, tenant: str, name: str, version: int | None = None) -> int:
+        validate_name(tenant, "tenant name")
+        validate_name(name)
+        count = await self._io(self._files.delete, tenant, name, version)
+        if count == 0:
+            what = name if version is None else f"{name}@{version}"
+            raise PrefixNotFoundError(f"prefix {what!r} not found")
+        await self._notifier.changed(tenant, name)
+        return count
+
+    async def _resolve(self, tenant: str, ref: str, fetch: Callable[..., T | None]) -> T:
+        """`fetch(tenant, name, version)` for `ref`; `name` means the newest version."""
+        validate_name(tenant, "tenant name")
+        name, version = parse_ref(ref)
+        for _ in range(3):  # re-resolve if the newest version is deleted meanwhile
+            numbers = await self._io(self._files.version_numbers, tenant, name)
+            v = version if version is not None else (numbers[-1] if numbers else None)
+            found = None if v is None else await self._io(fetch, tenant, name, v)
+            if found is not None:
+                return found
+            if v is None or version is not None:
+                break
+        raise PrefixNotFoundError(f"prefix {ref!r} not found")
+
+    # ---- invalidation ---------------------------------------------------------------------
+
+    async def subscribe(
+        self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None
+    ) -> Subscription:
+        return self._notifier.add(callback, on_reset)
+
+    # ---- tenants and API keys -------------------------------------------------------------
+
+    async def create_tenant(self, name: str) -> TenantInfo:
+        validate_name(name, "tenant name")
+        created_at = time.time()
+        if not await self._io(self._files.create_tenant, name, created_at):
+            raise ConflictError(f"tenant {name!r} already exists")
+        return TenantInfo(name=name, created_at=created_at)
+
+    async def list_tenants(self) -> TenantList:
+        names = await self._io(self._files.tenant_names)
+        found = [(n, await self._io(self._files.tenant_created_at, n)) for n in names]
+        return [TenantInfo(n, at) for n, at in found if at is not None]
+
+    async def tenant_exists(self, name: str) -> bool:
+        if not NAME_RE.match(name):  # it is a directory name here
+            return False
+        return await self._io(self._files.tenant_created_at, name) is not None
+
+    async def add_key(
+        self, tenant: str, key_id: str, key_hash: str, created_at: float
+    ) -> ApiKeyInfo:
+        validate_name(key_id, "key id")
+        validate_key_hash(key_hash)
+        if not await self.tenant_exists(tenant):
+            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+        code = await self._io(self._files.add_key, tenant, key_id, key_hash, created_at)
+        if code in (-2, -3):
+            what = f"key id {key_id!r}" if code == -2 else "this key hash"
+            raise ConflictError(f"{what} already exists")
+        return ApiKeyInfo(key_id=key_id, created_at=created_at)
+
+    async def list_keys(self, tenant: str) -> KeyList:
+        if not await self.tenant_exists(tenant):
+            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+        keys = await self._io(self._files.keys, tenant)
+        infos = [ApiKeyInfo(key_id, created_at) for key_id, created_at in keys]
+        return sorted(infos, key=lambda key: (key.created_at, key.key_id))
+
+    async def revoke_key(self, tenant: str, key_id: str) -> None:
+        validate_name(tenant, "tenant name")
+        valid = NAME_RE.match(key_id) is not None  # an id that can't exist is simply unknown
+        if not (valid and await self._io(self._files.revoke_key, tenant, key_id)):
+            raise ApiKeyNotFoundError(f"tenant {tenant!r} has no key {key_id!r}")
+
+    async def tenant_for_key_hash(self, key_hash: str) -> str | None:
+        if not KEY_HASH_RE.match(key_hash):  # it is a file name here
+            return None
+        return await self._io(self._files.tenant_for_key_hash, key_hash)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        await self._io(self.directory.mkdir, 0o755, True, True)  # parents, exist_ok
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,172 @@
+"""The Redis key layout (all under one namespace), the Lua scripts that need atomicity, and
+the mapping of Redis failures to RegistryUnavailableError.
+
+Names and tenants match `NAME_RE` (no `:`), so every key below is unambiguous. See
+docs/registry.md for the layout as a table.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from prefix_registry.artifact import PrefixMeta
+from prefix_registry.errors import RegistryUnavailableError
+
+
+@dataclass(frozen=True)
+class Keys:
+    ns: str  # e.g. "prefix-serve:"
+
+    @property
+    def tenants(self) -> str:  # HASH tenant -> {"created_at"}
+        return f"{self.ns}tenants"
+
+    @property
+    def key_hashes(self) -> str:  # HASH key_hash -> {"tenant", "key_id"}
+        return f"{self.ns}key-hashes"
+
+    @property
+    def channel(self) -> str:  # pub/sub: {"tenant", "name"} after every change
+        return f"{self.ns}changes"
+
+    def tenant_keys(self, tenant: str) -> str:  # HASH key_id -> {"key_hash", "created_at"}
+        return f"{self.ns}t:{tenant}:keys"
+
+    def names(self, tenant: str) -> str:  # ZSET of prefix names, score 0 (ordered by name)
+        return f"{self.ns}t:{tenant}:names"
+
+    def tenant_prefixes(self, tenant: str) -> str:  # the stem of a tenant's prefix keys
+        return f"{self.ns}p:{tenant}:"
+
+    def prefix(self, tenant: str, name: str) -> str:  # the stem of one name's keys
+        return f"{self.tenant_prefixes(tenant)}{name}:"
+
+    def seq(self, tenant: str, name: str) -> str:  # STRING last allocated version (never reset)
+        return self.prefix(tenant, name) + "seq"
+
+    def versions(self, tenant: str, name: str) -> str:  # ZSET version, score = version
+        return self.prefix(tenant, name) + "versions"
+
+    def meta(self, tenant: str, name: str, version: int | str) -> str:  # HASH field -> JSON
+        return f"{self.prefix(tenant, name)}{version}:meta"
+
+    def blob(self, tenant: str, name: str, version: int | str) -> str:  # STRING safetensors bytes
+        return f"{self.prefix(tenant, name)}{version}:blob"
+
+
+@contextmanager
+def unavailable() -> Iterator[None]:
+    """Turn any Redis/network failure into RegistryUnavailableError."""
+    try:
+        yield
+    except (TimeoutError, RedisError, OSError) as e:
+        raise RegistryUnavailableError(f"prefix registry (Redis) unavailable: {e}") from e
+
+
+META_FIELD = "json"  # the whole PrefixMeta; the other fields are copies for operators
+
+
+def encode_meta(meta: PrefixMeta) -> dict[Any, Any]:
+    """The version's metadata hash: the full JSON plus a few fields readable with HGET."""
+    return {META_FIELD: json.dumps(meta.to_dict()), "version": meta.version,
+            "sha256": meta.sha256, "size_bytes": meta.size_bytes, "created_at": meta.created_at}
+
+
+def decode_meta(raw: bytes | str) -> PrefixMeta:
+    """Parse the JSON field (read alone: one reply item instead of one per field)."""
+    return PrefixMeta.from_dict(json.loads(raw))
+
+
+def text(value: object) -> str:
+    """A Redis reply item as text (replies are bytes; decode_responses is off for blobs)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def change_message(tenant: str, name: str) -> str:
+    return json.dumps({"tenant": tenant, "name": name})
+
+
+# Read one version's metadata JSON, resolving "" to the newest version atomically.
+# KEYS: versions zset. ARGV: key stem of this name, version or "".
+META_SCRIPT = """
+local v = ARGV[2]
+if v == "" then
+  local top = redis.call("ZREVRANGE", KEYS[1], 0, 0)
+  if #top == 0 then return false end
+  v = top[1]
+end
+return redis.call("HGET", ARGV[1] .. v .. ":meta", "json")
+"""
+
+# One page of a tenant's names with each one's newest metadata JSON, in one round trip.
+# KEYS: tenants hash, the tenant's names zset. ARGV: tenant, ZRANGEBYLEX start ("-" or
+# "(cursor"), count, key stem of the tenant's prefixes. Returns nil for an unknown tenant, else
+# [name1, json1, name2, json2, ...] ("" for a name deleted meanwhile).
+LIST_SCRIPT = """
+if redis.call("HEXISTS", KEYS[1], ARGV[1]) == 0 then return false end
+local names = redis.call("ZRANGEBYLEX", KEYS[2], ARGV[2], "+", "LIMIT", 0, tonumber(ARGV[3]))
+local out = {}
+for _, name in ipairs(names) do
+  local top = redis.call("ZREVRANGE", ARGV[4] .. name .. ":versions", 0, 0)
+  local meta = false
+  if #top > 0 then
+    meta = redis.call("HGET", ARGV[4] .. name .. ":" .. top[1] .. ":meta", "json")
+  end
+  out[#out + 1] = name
+  out[#out + 1] = meta or ""
+end
+return out
+"""
+
+# Delete one version (ARGV[2] = "N") or all (ARGV[2] = ""), keep the names index consistent and
+# announce the change, atomically. KEYS: versions zset, names zset.
+# ARGV: key stem of this name, version or "", name, channel, message. Returns the count deleted.
+# (The per-version keys are derived from the stem: fine on a standalone Redis.)
+DELETE_SCRIPT = """
+local found
+if ARGV[2] == "" then
+  found = redis.call("ZRANGE", KEYS[1], 0, -1)
+elseif redis.call("ZSCORE", KEYS[1], ARGV[2]) then
+  found = {ARGV[2]}
+else
+  found = {}
+end
+for _, v in ipairs(found) do
+  redis.call("DEL", ARGV[1] .. v .. ":meta", ARGV[1] .. v .. ":blob")
+  redis.call("ZREM", KEYS[1], v)
+end
+if redis.call("ZCARD", KEYS[1]) == 0 then
+  redis.call("ZREM", KEYS[2], ARGV[3])
+end
+if #found > 0 then
+  redis.call("PUBLISH", ARGV[4], ARGV[5])
+end
+return #found
+"""
+
+# KEYS: tenants hash, the tenant's keys hash, key-hashes hash.
+# ARGV: tenant, key_id, key_hash, key record JSON, hash record JSON.
+# Returns 1 ok, -1 no tenant, -2 key id taken, -3 key hash taken.
+ADD_KEY_SCRIPT = """
+if redis.call("HEXISTS", KEYS[1], ARGV[1]) == 0 then return -1 end
+if redis.call("HEXISTS", KEYS[2], ARGV[2]) == 1 then return -2 end
+if redis.call("HEXISTS", KEYS[3], ARGV[3]) == 1 then return -3 end
+redis.call("HSET", KEYS[2], ARGV[2], ARGV[4])
+redis.call("HSET", KEYS[3], ARGV[3], ARGV[5])
+return 1
+"""
+
+# KEYS: the tenant's keys hash, key-hashes hash. ARGV: key_id. Returns 1 revoked, 0 unknown.
+REVOKE_KEY_SCRIPT = """
+local raw = redis.call("HGET", KEYS[1], ARGV[1])
+if not raw then return 0 end
+redis.call("HDEL", KEYS[2], cjson.decode(raw)["key_hash"])
+redis.call("HDEL", KEYS[1], ARGV[1])
+return 1
+"""

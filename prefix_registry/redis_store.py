@@ -1,0 +1,287 @@
+"""The production prefix store: Redis through redis-py's asyncio client.
+
+Every key lives under one namespace (layout in `redis_keys.py` and docs/registry.md). Versions
+come from a per-name counter (INCR) that is never reset, so a number is never reused; a version's
+blob, metadata, the version index and the tenant's name index are written in one MULTI/EXEC,
+which also publishes the change. Redis errors and timeouts become RegistryUnavailableError;
+the client retries briefly and reconnects by itself on the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from prefix_registry.artifact import PrefixArtifact, PrefixMeta
+from prefix_registry.errors import PrefixNotFoundError, TenantNotFoundError
+from prefix_registry.redis_keys import (
+    DELETE_SCRIPT,
+    LIST_SCRIPT,
+    META_FIELD,
+    META_SCRIPT,
+    Keys,
+    change_message,
+    decode_meta,
+    encode_meta,
+    text,
+    unavailable,
+)
+from prefix_registry.redis_listener import Listener
+from prefix_registry.redis_tenants import RedisTenants
+from prefix_registry.store import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_PAGE_SIZE,
+    InvalidationCallback,
+    MetaList,
+    Notifier,
+    Page,
+    ResetCallback,
+    Subscription,
+    clamp_limit,
+)
+from prefix_registry.validation import Limits, parse_ref, validate_name
+
+LATEST_RETRIES = 3  # resolving "latest" again if that version is deleted between two calls
+INLINE_PARSE_BYTES = 8 * 2**20  # parse smaller blobs on the event loop (~1 ms for 2.5 MiB)
+
+
+@dataclass(frozen=True)
+class RedisOptions:
+    """Connection behaviour: short timeouts so a dead Redis fails fast instead of hanging."""
+
+    socket_timeout_s: float = 2.0  # a whole reply; large prefixes over slow links need more
+    connect_timeout_s: float = 1.0
+    retries: int = 1  # per command on a dropped connection, before RegistryUnavailableError
+    health_check_interval_s: int = 10  # PING an idle pooled connection before reusing it
+    max_connections: int | None = None
+
+
+def _client(url: str, options: RedisOptions, *, retries: int | None = None) -> aioredis.Redis:
+    n = options.retries if retries is None else retries
+    backoff = ExponentialBackoff(cap=0.5, base=0.05) if n else NoBackoff()
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=options.socket_timeout_s,
+        socket_connect_timeout=options.connect_timeout_s,
+        health_check_interval=options.health_check_interval_s,
+        max_connections=options.max_connections,
+        # retry a dropped connection (e.g. a stale pooled one after a Redis restart), not a
+        # timeout: a hung Redis would otherwise cost (retries + 1)^2 socket timeouts per call
+        retry=Retry(backoff, n, supported_errors=(RedisConnectionError,)),
+    )
+
+
+class RedisStore(RedisTenants):
+    """PrefixStore on Redis; one instance per process (it owns a connection pool).
+
+    Tenant and API key methods come from `RedisTenants`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        limits: Limits | None = None,
+        options: RedisOptions | None = None,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.keys = Keys(namespace)
+        self._options = options or RedisOptions()
+        self._url = url
+        self._redis = _client(url, self._options)
+        self._notifier = Notifier()
+        self._listener: Listener | None = None
+        self._delete = self._redis.register_script(DELETE_SCRIPT)
+        self._meta_script = self._redis.register_script(META_SCRIPT)
+        self._list_script = self._redis.register_script(LIST_SCRIPT)
+        self._register_tenant_scripts()
+
+    # ---- prefixes -------------------------------------------------------------------------
+
+    async def put(self, artifact: PrefixArtifact) -> PrefixMeta:
+        return (await self.put_many([artifact]))[0]
+
+    async def put_many(self, artifacts: Sequence[PrefixArtifact], *, chunk: int = 500
+                       ) -> MetaList:
+        """`put` for many artifacts, pipelined in chunks (bulk imports, benchmarks); each chunk
+        is one MULTI/EXEC."""
+        await asyncio.to_thread(self._validate_all, artifacts)
+        stored_metas: MetaList = []
+        with unavailable():
+            await self._check_tenants({a.meta.tenant for a in artifacts})
+            for i in range(0, len(artifacts), chunk):
+                stored_metas += await self._write_chunk(artifacts[i : i + chunk])
+        for meta in stored_metas:
+            await self._notifier.changed(meta.tenant, meta.name)
+        return stored_metas
+
+    def _validate_all(self, artifacts: Sequence[PrefixArtifact]) -> None:
+        for artifact in artifacts:  # nothing invalid is ever stored
+            artifact.validate(self.limits)
+
+    async def _check_tenants(self, tenants: set[str]) -> None:
+        for tenant in sorted(tenants):
+            if not await self._redis.hexists(self.keys.tenants, tenant):
+                raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+
+    async def _write_chunk(self, artifacts: Sequence[PrefixArtifact]) -> MetaList:
+        k = self.keys
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for a in artifacts:  # allocate versions: INCR never hands out a number twice
+                pipe.incr(k.seq(a.meta.tenant, a.meta.name))
+            versions = await pipe.execute()
+        now = time.time()
+        stored = [a.stored_as(int(v), now) for a, v in zip(artifacts, versions, strict=True)]
+        blobs = await asyncio.to_thread(lambda: [s.to_bytes() for s in stored])
+        async with self._redis.pipeline(transaction=True) as pipe:
+            for meta, blob in zip((s.meta for s in stored), blobs, strict=True):
+                tenant, name, version = meta.tenant, meta.name, meta.version
+                pipe.set(k.blob(tenant, name, version), blob)
+                pipe.hset(k.meta(tenant, name, version), mapping=encode_meta(meta))
+                pipe.zadd(k.versions(tenant, name), {str(version): version})
+                pipe.zadd(k.names(tenant), {name: 0})
+                pipe.publish(k.channel, change_message(tenant, name))
+            await pipe.execute()
+        return [s.meta for s in stored]
+
+    async def get(self, tenant: str, ref: str) -> PrefixArtifact:
+        blob = await self._read_blob(tenant, ref)
+        if len(blob) < INLINE_PARSE_BYTES:  # parsing is a copy: cheaper than a thread hop
+            return PrefixArtifact.from_bytes(blob)
+        return await asyncio.to_thread(PrefixArtifact.from_bytes, blob)
+
+    async def _read_blob(self, tenant: str, ref: str) -> bytes:
+        """A plain GET of the blob (a Lua script returning it would copy it once more)."""
+        validate_name(tenant, "tenant name")
+        name, version = parse_ref(ref)
+        blob = None
+        with unavailable():
+            for _ in range(LATEST_RETRIES):
+                v = version if version is not None else await self._latest(tenant, name)
+                blob = None if v is None else await self._redis.get(self.keys.blob(tenant, name, v))
+                if blob is not None or v is None or version is not None:
+                    break  # else: that newest version was deleted meanwhile, resolve again
+        if blob is None:
+            raise PrefixNotFoundError(f"prefix {ref!r} not found")
+        return blob if isinstance(blob, bytes) else blob.encode()  # replies are bytes
+
+    async def _latest(self, tenant: str, name: str) -> int | None:
+        top = await self._redis.zrevrange(self.keys.versions(tenant, name), 0, 0)
+        return int(text(top[0])) if top else None
+
+    async def get_meta(self, tenant: str, ref: str) -> PrefixMeta:
+        """One round trip: the script resolves `name` to the newest version and reads it."""
+        validate_name(tenant, "tenant name")
+        name, version = parse_ref(ref)
+        with unavailable():
+            found = await self._meta_script(
+                keys=[self.keys.versions(tenant, name)],
+                args=[self.keys.prefix(tenant, name), version or ""],
+            )
+        if found is None:
+            raise PrefixNotFoundError(f"prefix {ref!r} not found")
+        return decode_meta(found)
+
+    async def exists(self, tenant: str, ref: str) -> bool:
+        validate_name(tenant, "tenant name")
+        name, version = parse_ref(ref)
+        with unavailable():
+            if version is None:
+                return bool(await self._redis.zcard(self.keys.versions(tenant, name)))
+            score = await self._redis.zscore(self.keys.versions(tenant, name), str(version))
+        return score is not None
+
+    async def list(
+        self, tenant: str, *, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None
+    ) -> Page:
+        validate_name(tenant, "tenant name")
+        limit = clamp_limit(limit)
+        start = "-" if cursor is None else "(" + validate_name(cursor, "cursor")
+        with unavailable():
+            found = await self._list_script(
+                keys=[self.keys.tenants, self.keys.names(tenant)],
+                args=[tenant, start, limit + 1, self.keys.tenant_prefixes(tenant)],
+            )
+        if found is None:
+            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+        names = [text(n) for n in found[0::2]]
+        items = [decode_meta(raw) for raw in found[1:limit * 2:2] if raw]  # "" = just deleted
+        next_cursor = names[limit - 1] if len(names) > limit else None
+        return Page(items=items, next_cursor=next_cursor)
+
+    async def versions(self, tenant: str, name: str) -> MetaList:
+        validate_name(tenant, "tenant name")
+        validate_name(name)
+        with unavailable():
+            found = await self._redis.zrange(self.keys.versions(tenant, name), 0, -1)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for v in found:
+                    pipe.hget(self.keys.meta(tenant, name, text(v)), META_FIELD)
+                raws = await pipe.execute()
+        metas = [decode_meta(raw) for raw in raws if raw]
+        if not metas:
+            raise PrefixNotFoundError(f"prefix {name!r} not found")
+        return metas
+
+    async def delete(self, tenant: str, name: str, version: int | None = None) -> int:
+        validate_name(tenant, "tenant name")
+        validate_name(name)
+        k = self.keys
+        with unavailable():
+            count = int(await self._delete(
+                keys=[k.versions(tenant, name), k.names(tenant)],
+                args=[k.prefix(tenant, name), "" if version is None else str(version), name,
+                      k.channel, change_message(tenant, name)],
+            ))
+        if count == 0:
+            what = name if version is None else f"{name}@{version}"
+            raise PrefixNotFoundError(f"prefix {what!r} not found")
+        await self._notifier.changed(tenant, name)
+        return count
+
+    # ---- invalidation ---------------------------------------------------------------------
+
+    async def subscribe(
+        self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None
+    ) -> Subscription:
+        subscription = self._notifier.add(callback, on_reset)
+        if self._listener is None:
+            client = _client(self._url, self._options, retries=0)
+            self._listener = Listener(client, self.keys.channel, self._notifier)
+        await self._listener.start()
+        return subscription
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        with unavailable():
+            await self._redis.ping()
+
+    async def clear_namespace(self) -> int:
+        """Delete every key under this store's namespace (maintenance and benchmarks only: it
+        SCANs, so it is never on the request path). Returns the number of keys deleted."""
+        deleted = 0
+        with unavailable():
+            batch: list[bytes] = []
+            async for key in self._redis.scan_iter(match=f"{self.keys.ns}*", count=1000):
+                batch.append(key)
+                if len(batch) == 1000:
+                    deleted += int(await self._redis.unlink(*batch))
+                    batch = []
+            if batch:
+                deleted += int(await self._redis.unlink(*batch))
+        return deleted
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+        await self._redis.aclose()

@@ -1,0 +1,92 @@
+"""Tenants and API key hashes in Redis (mixed into RedisStore).
+
+The HTTP layer hashes keys (sha256) and compares them in constant time; this module only stores
+the hashes: per tenant `key_id -> {key_hash, created_at}`, and one global `key_hash -> tenant`
+hash so a request's key resolves in O(1).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+
+from prefix_registry.errors import ApiKeyNotFoundError, ConflictError, TenantNotFoundError
+from prefix_registry.redis_keys import ADD_KEY_SCRIPT, REVOKE_KEY_SCRIPT, Keys, text, unavailable
+from prefix_registry.store import ApiKeyInfo, KeyList, TenantInfo, TenantList
+from prefix_registry.validation import validate_key_hash, validate_name
+
+
+class RedisTenants:
+    keys: Keys
+    _redis: aioredis.Redis
+    _add_key: AsyncScript
+    _revoke_key: AsyncScript
+
+    def _register_tenant_scripts(self) -> None:
+        self._add_key = self._redis.register_script(ADD_KEY_SCRIPT)
+        self._revoke_key = self._redis.register_script(REVOKE_KEY_SCRIPT)
+
+    async def create_tenant(self, name: str) -> TenantInfo:
+        validate_name(name, "tenant name")
+        created_at = time.time()
+        with unavailable():
+            record = json.dumps({"created_at": created_at})
+            if not await self._redis.hsetnx(self.keys.tenants, name, record):
+                raise ConflictError(f"tenant {name!r} already exists")
+        return TenantInfo(name=name, created_at=created_at)
+
+    async def list_tenants(self) -> TenantList:
+        with unavailable():
+            raw = await self._redis.hgetall(self.keys.tenants)
+        tenants = [TenantInfo(text(k), json.loads(v)["created_at"]) for k, v in raw.items()]
+        return sorted(tenants, key=lambda t: t.name)
+
+    async def tenant_exists(self, name: str) -> bool:
+        with unavailable():
+            return bool(await self._redis.hexists(self.keys.tenants, name))
+
+    async def add_key(
+        self, tenant: str, key_id: str, key_hash: str, created_at: float
+    ) -> ApiKeyInfo:
+        validate_name(key_id, "key id")
+        validate_key_hash(key_hash)
+        k = self.keys
+        key_record = json.dumps({"key_hash": key_hash, "created_at": created_at})
+        hash_record = json.dumps({"tenant": tenant, "key_id": key_id})
+        with unavailable():
+            code = int(await self._add_key(
+                keys=[k.tenants, k.tenant_keys(tenant), k.key_hashes],
+                args=[tenant, key_id, key_hash, key_record, hash_record],
+            ))
+        if code == -1:
+            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+        if code in (-2, -3):
+            what = f"key id {key_id!r}" if code == -2 else "this key hash"
+            raise ConflictError(f"{what} already exists")
+        return ApiKeyInfo(key_id=key_id, created_at=created_at)
+
+    async def list_keys(self, tenant: str) -> KeyList:
+        with unavailable():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hexists(self.keys.tenants, tenant)
+                pipe.hgetall(self.keys.tenant_keys(tenant))
+                known, raw = await pipe.execute()
+        if not known:
+            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+        keys = [ApiKeyInfo(text(k), json.loads(v)["created_at"]) for k, v in raw.items()]
+        return sorted(keys, key=lambda key: (key.created_at, key.key_id))
+
+    async def revoke_key(self, tenant: str, key_id: str) -> None:
+        with unavailable():
+            keys = [self.keys.tenant_keys(tenant), self.keys.key_hashes]
+            revoked = int(await self._revoke_key(keys=keys, args=[key_id]))
+        if not revoked:
+            raise ApiKeyNotFoundError(f"tenant {tenant!r} has no key {key_id!r}")
+
+    async def tenant_for_key_hash(self, key_hash: str) -> str | None:
+        with unavailable():
+            raw = await self._redis.hget(self.keys.key_hashes, key_hash)
+        return None if raw is None else str(json.loads(raw)["tenant"])

@@ -1,0 +1,193 @@
+"""The prefix store protocol, shared by the Redis backend and the embedded local directory.
+
+A prefix is addressed by (tenant, ref) where ref is `name` (the latest version) or `name@N`
+(a fixed version). Versions are immutable, numbered 1, 2, ... per (tenant, name), and a number is
+never reused, even after deletes. Every change (put, delete) is announced to subscribers as
+`callback(tenant, name)`; `on_reset()` means "changes may have been missed: drop everything".
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from prefix_registry.artifact import PrefixArtifact, PrefixMeta
+from prefix_registry.validation import Limits
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAMESPACE = "prefix-serve:"
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+InvalidationCallback = Callable[[str, str], object]  # (tenant, name); may return an awaitable
+ResetCallback = Callable[[], object]  # may return an awaitable
+MetaList = list[PrefixMeta]  # aliases: inside the store classes `list` is a method
+
+
+@dataclass(frozen=True)
+class Page:
+    items: MetaList  # the latest version of each name, ordered by name
+    next_cursor: str | None  # pass back as `cursor` for the next page; None on the last page
+
+
+@dataclass(frozen=True)
+class TenantInfo:
+    name: str
+    created_at: float  # unix time
+
+
+@dataclass(frozen=True)
+class ApiKeyInfo:
+    key_id: str
+    created_at: float  # unix time; the key itself is never stored, only its hash
+
+
+TenantList = list[TenantInfo]
+KeyList = list[ApiKeyInfo]
+
+
+def clamp_limit(limit: int) -> int:
+    return max(1, min(int(limit), MAX_PAGE_SIZE))
+
+
+class Subscription:
+    """A registered pair of callbacks; `close()` unregisters them."""
+
+    def __init__(self, notifier: Notifier, sub_id: int) -> None:
+        self._notifier = notifier
+        self._id = sub_id
+
+    def close(self) -> None:
+        self._notifier.remove(self._id)
+
+
+class Notifier:
+    """Fans change announcements out to in-process subscribers; a failing callback is logged."""
+
+    def __init__(self) -> None:
+        self._subs: dict[int, tuple[InvalidationCallback, ResetCallback | None]] = {}
+        self._ids = itertools.count(1)
+
+    def add(self, callback: InvalidationCallback, on_reset: ResetCallback | None) -> Subscription:
+        sub_id = next(self._ids)
+        self._subs[sub_id] = (callback, on_reset)
+        return Subscription(self, sub_id)
+
+    def remove(self, sub_id: int) -> None:
+        self._subs.pop(sub_id, None)
+
+    async def changed(self, tenant: str, name: str) -> None:
+        for callback, _ in list(self._subs.values()):
+            await _call(callback, tenant, name)
+
+    async def reset(self) -> None:
+        for _, on_reset in list(self._subs.values()):
+            if on_reset is not None:
+                await _call(on_reset)
+
+
+async def _call(fn: Callable[..., object], *args: str) -> None:
+    try:
+        result = fn(*args)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:  # a subscriber's bug must not break the store
+        log.exception("prefix change callback failed")
+
+
+class PrefixStore(Protocol):
+    """Where prefixes, tenants and API key hashes live. Every method may raise
+    RegistryUnavailableError when the backend can't be reached."""
+
+    limits: Limits
+
+    async def put(self, artifact: PrefixArtifact) -> PrefixMeta:
+        """Validate and store `artifact` as a new version of (meta.tenant, meta.name).
+
+        Returns the stored metadata (version and created_at assigned). Raises
+        TenantNotFoundError, InvalidPrefixError, PrefixTooLargeError.
+        """
+        ...
+
+    async def get(self, tenant: str, ref: str) -> PrefixArtifact:
+        """The artifact `ref` (`name` = latest, `name@N`); PrefixNotFoundError if absent."""
+        ...
+
+    async def get_meta(self, tenant: str, ref: str) -> PrefixMeta:
+        """Like `get` without loading the tensors."""
+        ...
+
+    async def list(
+        self, tenant: str, *, limit: int = DEFAULT_PAGE_SIZE, cursor: str | None = None
+    ) -> Page:
+        """One page of a tenant's prefixes (latest versions, by name); TenantNotFoundError."""
+        ...
+
+    async def versions(self, tenant: str, name: str) -> MetaList:
+        """Every stored version of `name`, oldest first; PrefixNotFoundError if none."""
+        ...
+
+    async def delete(self, tenant: str, name: str, version: int | None = None) -> int:
+        """Delete one version or (version=None) all; returns how many; PrefixNotFoundError if 0."""
+        ...
+
+    async def exists(self, tenant: str, ref: str) -> bool: ...
+
+    async def subscribe(
+        self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None
+    ) -> Subscription:
+        """Call `callback(tenant, name)` after every change by any process sharing the store."""
+        ...
+
+    async def create_tenant(self, name: str) -> TenantInfo:
+        """Create a tenant; ConflictError if it exists."""
+        ...
+
+    async def list_tenants(self) -> TenantList: ...
+
+    async def tenant_exists(self, name: str) -> bool: ...
+
+    async def add_key(
+        self, tenant: str, key_id: str, key_hash: str, created_at: float
+    ) -> ApiKeyInfo:
+        """Store an API key's hash; TenantNotFoundError, ConflictError (id or hash taken)."""
+        ...
+
+    async def list_keys(self, tenant: str) -> KeyList: ...
+
+    async def revoke_key(self, tenant: str, key_id: str) -> None:
+        """Forget a key; ApiKeyNotFoundError if the tenant has no such key."""
+        ...
+
+    async def tenant_for_key_hash(self, key_hash: str) -> str | None:
+        """The tenant owning the key with this hash (O(1)), or None."""
+        ...
+
+    async def ping(self) -> None:
+        """Raise RegistryUnavailableError unless the backend answers."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+def open_store(
+    redis_url: str | None,
+    *,
+    namespace: str = DEFAULT_NAMESPACE,
+    directory: str | Path,
+    limits: Limits | None = None,
+) -> PrefixStore:
+    """A RedisStore when `redis_url` is set, else a LocalStore in `directory`."""
+    if redis_url:
+        from prefix_registry.redis_store import RedisStore
+
+        return RedisStore(redis_url, namespace=namespace, limits=limits)
+    from prefix_registry.local_store import LocalStore
+
+    return LocalStore(directory, limits=limits)

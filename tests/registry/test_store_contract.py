@@ -1,0 +1,235 @@
+"""The PrefixStore contract: every test runs against the local directory store and the real
+Redis store (the `store` fixture is parametrized over both)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from prefix_registry.errors import (
+    ApiKeyNotFoundError,
+    ConflictError,
+    InvalidPrefixError,
+    PrefixNotFoundError,
+    TenantNotFoundError,
+)
+from prefix_registry.store import PrefixStore
+from tests.registry.conftest import MakeArtifact
+
+HASH_A = "a" * 64
+HASH_B = "b" * 64
+
+
+async def _tenant(store: PrefixStore, name: str = "acme") -> str:
+    await store.create_tenant(name)
+    return name
+
+
+async def test_put_assigns_versions_and_get_resolves_refs(
+    store: PrefixStore, make_artifact: MakeArtifact
+) -> None:
+    await _tenant(store)
+    first = await store.put(make_artifact(seed=1, description="one"))
+    second = await store.put(make_artifact(seed=2, form="p_theta", description="two"))
+    assert (first.version, second.version) == (1, 2)
+    assert first.created_at > 0 and second.created_at >= first.created_at
+    latest = await store.get("acme", "style")
+    assert latest.meta == second
+    assert torch.equal(latest.tensors["p_theta"], make_artifact(seed=2, form="p_theta")
+                       .tensors["p_theta"])
+    pinned = await store.get("acme", "style@1")
+    assert pinned.meta.description == "one" and pinned.meta.form == "kv"
+    for name in ("keys", "values"):
+        assert torch.equal(pinned.tensors[name], make_artifact(seed=1).tensors[name])
+    assert await store.get_meta("acme", "style@2") == second
+    assert await store.get_meta("acme", "style") == second
+
+
+async def test_missing_refs(store: PrefixStore, make_artifact: MakeArtifact) -> None:
+    await _tenant(store)
+    await store.put(make_artifact())
+    for ref in ("nope", "style@2", "nope@1"):
+        with pytest.raises(PrefixNotFoundError):
+            await store.get("acme", ref)
+        with pytest.raises(PrefixNotFoundError):
+            await store.get_meta("acme", ref)
+        assert not await store.exists("acme", ref)
+    assert await store.exists("acme", "style") and await store.exists("acme", "style@1")
+    for bad in ("style@0", "style@x", "a b", "@1", ""):
+        with pytest.raises(InvalidPrefixError):
+            await store.get("acme", bad)
+
+
+async def test_versions_lists_every_version(store: PrefixStore, make_artifact: MakeArtifact
+                                            ) -> None:
+    await _tenant(store)
+    for seed in range(3):
+        await store.put(make_artifact(seed=seed))
+    metas = await store.versions("acme", "style")
+    assert [m.version for m in metas] == [1, 2, 3]
+    assert len({m.sha256 for m in metas}) == 3
+    with pytest.raises(PrefixNotFoundError):
+        await store.versions("acme", "other")
+
+
+async def test_list_paginates_by_name_with_latest_versions(
+    store: PrefixStore, make_artifact: MakeArtifact
+) -> None:
+    await _tenant(store)
+    names = [f"p{i:02d}" for i in range(7)]
+    for name in reversed(names):
+        await store.put(make_artifact(name=name))
+    await store.put(make_artifact(name="p03", seed=9))  # p03 now has version 2
+    seen, cursor, pages = [], None, 0
+    while True:
+        page = await store.list("acme", limit=3, cursor=cursor)
+        seen.extend(page.items)
+        pages += 1
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert [m.name for m in seen] == names and pages == 3
+    assert {m.name: m.version for m in seen}["p03"] == 2
+    assert (await store.list("acme", limit=7)).next_cursor is None
+    with pytest.raises(TenantNotFoundError):
+        await store.list("ghost")
+
+
+async def test_delete_one_version_then_all(store: PrefixStore, make_artifact: MakeArtifact
+                                           ) -> None:
+    await _tenant(store)
+    for seed in range(3):
+        await store.put(make_artifact(seed=seed))
+    assert await store.delete("acme", "style", version=3) == 1
+    assert (await store.get_meta("acme", "style")).version == 2  # latest falls back
+    with pytest.raises(PrefixNotFoundError):
+        await store.delete("acme", "style", version=3)
+    assert await store.delete("acme", "style") == 2
+    assert not await store.exists("acme", "style")
+    assert (await store.list("acme")).items == []
+    with pytest.raises(PrefixNotFoundError):
+        await store.delete("acme", "style")
+
+
+async def test_version_numbers_are_never_reused(store: PrefixStore, make_artifact: MakeArtifact
+                                                ) -> None:
+    await _tenant(store)
+    await store.put(make_artifact(seed=1))
+    await store.put(make_artifact(seed=2))
+    await store.delete("acme", "style", version=2)
+    assert (await store.put(make_artifact(seed=3))).version == 3
+    await store.delete("acme", "style")
+    again = await store.put(make_artifact(seed=4))
+    assert again.version == 4
+    assert [m.version for m in await store.versions("acme", "style")] == [4]
+
+
+async def test_names_are_isolated_per_tenant(store: PrefixStore, make_artifact: MakeArtifact
+                                             ) -> None:
+    await _tenant(store, "acme")
+    await _tenant(store, "globex")
+    await store.put(make_artifact(tenant="acme", seed=1))
+    b = await store.put(make_artifact(tenant="globex", seed=2))
+    assert b.version == 1  # its own version sequence
+    assert (await store.get("acme", "style")).meta.tenant == "acme"
+    assert (await store.get("globex", "style")).meta.sha256 == b.sha256
+    await store.delete("globex", "style")
+    assert await store.exists("acme", "style")
+    assert [m.tenant for m in (await store.list("acme")).items] == ["acme"]
+
+
+async def test_put_needs_an_existing_tenant_and_valid_artifact(
+    store: PrefixStore, make_artifact: MakeArtifact
+) -> None:
+    with pytest.raises(TenantNotFoundError):
+        await store.put(make_artifact(tenant="ghost"))
+    await _tenant(store)
+    good = make_artifact()
+    bad = type(good)(meta=good.meta, tensors={**good.tensors, "values": good.tensors["keys"] * 2})
+    with pytest.raises(InvalidPrefixError, match="sha256"):
+        await store.put(bad)
+    nan = {k: v.clone() for k, v in good.tensors.items()}
+    nan["keys"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(InvalidPrefixError, match="NaN"):
+        await store.put(type(good)(meta=good.meta, tensors=nan))
+    assert not await store.exists("acme", "style")
+
+
+async def test_concurrent_writers_get_distinct_versions(
+    store: PrefixStore, make_artifact: MakeArtifact
+) -> None:
+    await _tenant(store)
+    artifacts = [make_artifact(seed=i, description=f"w{i}") for i in range(20)]
+    metas = await asyncio.gather(*(store.put(a) for a in artifacts))
+    assert sorted(m.version for m in metas) == list(range(1, 21))
+    for artifact, meta in zip(artifacts, metas, strict=True):
+        got = await store.get("acme", meta.ref)
+        assert got.meta.description == artifact.meta.description
+        assert torch.equal(got.tensors["keys"], artifact.tensors["keys"])
+    assert (await store.get_meta("acme", "style")).version == 20
+
+
+async def test_tenants(store: PrefixStore) -> None:
+    assert not await store.tenant_exists("acme")
+    created = await store.create_tenant("acme")
+    await store.create_tenant("beta")
+    assert await store.tenant_exists("acme")
+    with pytest.raises(ConflictError):
+        await store.create_tenant("acme")
+    tenants = await store.list_tenants()
+    assert [t.name for t in tenants] == ["acme", "beta"]
+    assert tenants[0].created_at == pytest.approx(created.created_at)
+    with pytest.raises(InvalidPrefixError):
+        await store.create_tenant("bad:name")
+
+
+async def test_api_keys(store: PrefixStore) -> None:
+    await _tenant(store, "acme")
+    await _tenant(store, "beta")
+    await store.add_key("acme", "k1", HASH_A, 100.0)
+    await store.add_key("acme", "k2", HASH_B, 200.0)
+    assert [(k.key_id, k.created_at) for k in await store.list_keys("acme")] == [
+        ("k1", 100.0), ("k2", 200.0)]
+    assert await store.list_keys("beta") == []
+    assert await store.tenant_for_key_hash(HASH_A) == "acme"
+    assert await store.tenant_for_key_hash("c" * 64) is None
+    with pytest.raises(ConflictError):
+        await store.add_key("acme", "k1", "d" * 64, 1.0)  # id taken
+    with pytest.raises(ConflictError):
+        await store.add_key("beta", "k9", HASH_A, 1.0)  # hash taken
+    with pytest.raises(TenantNotFoundError):
+        await store.add_key("ghost", "k1", "e" * 64, 1.0)
+    with pytest.raises(TenantNotFoundError):
+        await store.list_keys("ghost")
+    await store.revoke_key("acme", "k1")
+    assert await store.tenant_for_key_hash(HASH_A) is None
+    assert [k.key_id for k in await store.list_keys("acme")] == ["k2"]
+    with pytest.raises(ApiKeyNotFoundError):
+        await store.revoke_key("acme", "k1")
+    with pytest.raises(ApiKeyNotFoundError):
+        await store.revoke_key("beta", "k2")  # another tenant's key
+
+
+async def test_subscribers_hear_changes(store: PrefixStore, make_artifact: MakeArtifact) -> None:
+    await _tenant(store)
+    heard: list[tuple[str, str]] = []
+    subscription = await store.subscribe(lambda t, n: heard.append((t, n)))
+    await store.put(make_artifact())
+    await store.delete("acme", "style")
+    await _until(lambda: heard.count(("acme", "style")) >= 2)
+    subscription.close()
+    count = len(heard)
+    await store.put(make_artifact())
+    await asyncio.sleep(0.2)
+    assert len(heard) == count
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
