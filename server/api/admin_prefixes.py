@@ -1,0 +1,108 @@
+"""Prefix management: upload (multipart, size-limited as it streams), list, show, delete.
+
+A tenant key manages its own tenant's prefixes; the operator names the tenant (`tenant` form field
+on upload, `?tenant=` elsewhere; default `default`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from prefix_registry.artifact import PrefixArtifact, PrefixMeta
+from prefix_registry.formats import import_files
+from prefix_registry.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from server.api.deps import PrincipalDep, ServicesDep, StoreDep
+from server.api.errors import error_responses
+from server.api.middleware import annotate
+from server.api.schemas import DeletedOut, PrefixDetail, PrefixInfo, PrefixPage
+from server.api.state import Services
+from server.api.uploads import UploadForm, read_upload
+from server.errors import ValidationError
+
+router = APIRouter(prefix="/admin/prefixes", tags=["prefixes"])
+_ERRORS = error_responses(401, 403, 404, 422, 503)
+TenantQuery = Annotated[str | None, Query(description="operator key only: whose prefixes")]
+
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {"multipart/form-data": {"schema": {
+        "type": "object",
+        "required": ["name", "file"],
+        "properties": {
+            "name": {"type": "string", "description": "the prefix name"},
+            "description": {"type": "string"},
+            "tenant": {"type": "string", "description": "operator key only: the owner"},
+            "file": {"type": "array", "items": {"type": "string", "format": "binary"},
+                     "description": "artifact, raw safetensors, PEFT adapter files or archive"},
+        },
+    }}},
+}
+
+
+@router.post(
+    "", status_code=201, response_model=PrefixInfo, openapi_extra={"requestBody": _UPLOAD_BODY},
+    responses={**_ERRORS, **error_responses(400, 413)}, summary="Upload a new prefix version",
+)
+async def upload_prefix(
+    request: Request, principal: PrincipalDep, services: ServicesDep
+) -> PrefixInfo:
+    form = await read_upload(request, services.settings.max_upload_bytes)
+    tenant = principal.tenant_for(form.fields.get("tenant"))
+    annotate(request, tenant=tenant)
+    artifact = await asyncio.to_thread(_artifact_of, form, tenant, services)
+    meta = await services.store.put(artifact)
+    annotate(request, prefix=meta.ref)
+    return info_of(meta)
+
+
+@router.get("", response_model=PrefixPage, responses=_ERRORS, summary="List prefixes (latest)")
+async def list_prefixes(
+    principal: PrincipalDep, store: StoreDep, tenant: TenantQuery = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
+    cursor: str | None = None,
+) -> PrefixPage:
+    page = await store.list(principal.tenant_for(tenant), limit=limit, cursor=cursor)
+    return PrefixPage(items=[info_of(m) for m in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{name}", response_model=PrefixDetail, responses=_ERRORS,
+            summary="A prefix's latest version and all its versions")
+async def get_prefix(
+    name: str, principal: PrincipalDep, store: StoreDep, tenant: TenantQuery = None
+) -> PrefixDetail:
+    versions = await store.versions(principal.tenant_for(tenant), name)
+    newest_first = [info_of(m) for m in reversed(versions)]
+    return PrefixDetail(**newest_first[0].model_dump(), versions=newest_first)
+
+
+@router.delete("/{name}", response_model=DeletedOut, responses=_ERRORS,
+               summary="Delete a prefix (all versions, or ?version=N)")
+async def delete_prefix(
+    name: str, principal: PrincipalDep, store: StoreDep, tenant: TenantQuery = None,
+    version: Annotated[int | None, Query(ge=1)] = None,
+) -> DeletedOut:
+    deleted = await store.delete(principal.tenant_for(tenant), name, version)
+    return DeletedOut(deleted=deleted)
+
+
+def _artifact_of(form: UploadForm, tenant: str, services: Services) -> PrefixArtifact:
+    """Recognise, validate and wrap the uploaded files (CPU work: runs in a thread)."""
+    name = form.fields.get("name")
+    if not name:
+        raise ValidationError("missing form field 'name'")
+    if not form.files:
+        raise ValidationError("no 'file' part: upload at least one prefix file")
+    model, limits = services.loaded.fingerprint, services.store.limits
+    imported = import_files(form.files, model=model, limits=limits)
+    return imported.to_artifact(
+        name=name, tenant=tenant, model=model, limits=limits,
+        description=form.fields.get("description"),
+    )
+
+
+def info_of(meta: PrefixMeta) -> PrefixInfo:
+    data = meta.to_dict()
+    return PrefixInfo(**data)

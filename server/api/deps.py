@@ -1,0 +1,88 @@
+"""Shared route dependencies as `Annotated` aliases: services, principal, tenant, engine, store."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request, Security
+from fastapi.security import HTTPBearer
+
+from prefix_registry.store import PrefixStore
+from server.api.auth import Principal
+from server.api.middleware import annotate
+from server.api.resolver import PrefixResolver
+from server.api.state import Services
+from server.engine.engine import Engine
+from server.errors import FatalEngineError, ShuttingDownError
+
+# Declared for the OpenAPI document; the header itself is parsed by `Authenticator`.
+_bearer = HTTPBearer(auto_error=False, description="the operator key or a tenant API key")
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+async def current_principal(
+    request: Request, services: ServicesDep, _: Annotated[object, Security(_bearer)] = None
+) -> Principal:
+    principal = await services.auth.authenticate(request.headers.get("authorization"))
+    annotate(request, tenant=principal.tenant or "(operator)")
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(current_principal)]
+
+
+def operator_principal(principal: PrincipalDep) -> Principal:
+    principal.require_operator()
+    return principal
+
+
+OperatorDep = Annotated[Principal, Depends(operator_principal)]
+
+
+def generation_tenant(
+    request: Request,
+    principal: PrincipalDep,
+    x_tenant: Annotated[
+        str | None, Header(description="operator key only: the tenant to act for")
+    ] = None,
+) -> str:
+    """The tenant whose prefixes a generation call may use."""
+    tenant = principal.tenant_for(x_tenant)
+    annotate(request, tenant=tenant)
+    return tenant
+
+
+GenerationTenant = Annotated[str, Depends(generation_tenant)]
+
+
+def running_engine(services: ServicesDep) -> Engine:
+    """The engine, if it takes new requests: 503 while shutting down or after it died."""
+    if services.lifecycle.draining:
+        raise ShuttingDownError("the server is shutting down")
+    if not services.engine.alive:
+        raise FatalEngineError(f"the engine is not running: {services.engine.fatal_error}")
+    return services.engine
+
+
+EngineDep = Annotated[Engine, Depends(running_engine)]
+
+
+def get_store(services: ServicesDep) -> PrefixStore:
+    return services.store
+
+
+StoreDep = Annotated[PrefixStore, Depends(get_store)]
+
+
+def get_resolver(services: ServicesDep) -> PrefixResolver:
+    return services.resolver
+
+
+ResolverDep = Annotated[PrefixResolver, Depends(get_resolver)]

@@ -1,0 +1,169 @@
+"""Running one generation for a route: resolve the prefix, submit, observe, cancel on disconnect.
+
+Shared by `/generate` and the OpenAI-compatible routes, which differ only in wire format. Metrics
+(time to first token, inter-token latency, token counters) and the request's log fields are
+recorded here as the events pass, so streamed and non-streamed requests count alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from server import errors as srv
+from server.api.middleware import annotate, new_request_id, request_id
+from server.api.state import Services
+from server.engine.request import (
+    EngineRequest,
+    Event,
+    Finished,
+    FinishReason,
+    PrefixSource,
+    SamplingParams,
+    TextDelta,
+)
+
+
+@dataclass(frozen=True)
+class GenerationCall:
+    """What a route asks for, already validated."""
+
+    tenant: str
+    prompt: str | list[int]
+    sampling: SamplingParams
+    prefix_ref: str | None = None  # "name" | "name@N" | None (the base model)
+    add_special_tokens: bool = True
+
+
+class Generation:
+    """One submitted request: its event stream plus what the routes report about it."""
+
+    def __init__(self, services: Services, request: Request, engine_request: EngineRequest,
+                 tenant: str) -> None:
+        self.id = engine_request.request_id
+        self.prefix: PrefixSource | None = engine_request.prefix
+        self._services = services
+        self._request = request
+        self._tenant = tenant
+        self._stream = services.engine.submit(engine_request)
+        self.finished: Finished | None = None
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The engine's events, observed for metrics; ends after the `Finished` event."""
+        last: float | None = None
+        async for event in self._stream:
+            if isinstance(event, TextDelta):
+                last = self._observe_delta(event, last)
+            else:
+                self._observe_finished(event)
+            yield event
+            if isinstance(event, Finished):
+                return
+
+    def cancel(self) -> None:
+        """Free the request's slot (no-op once finished)."""
+        if self.finished is None:
+            self._stream.cancel()
+            annotate(self._request, finish_reason=FinishReason.CANCELLED.value)
+
+    def _observe_delta(self, event: TextDelta, last: float | None) -> float:
+        now = time.perf_counter()
+        tokens = max(1, len(event.token_ids))
+        if last is not None:
+            for _ in range(tokens):
+                self._services.metrics.inter_token.observe((now - last) / tokens)
+        return now
+
+    def _observe_finished(self, event: Finished) -> None:
+        self.finished = event
+        metrics = self._services.metrics
+        if event.timings.ttft_s is not None:
+            metrics.ttft.observe(event.timings.ttft_s)
+        metrics.tokens.labels(tenant=self._tenant).inc(event.usage.completion_tokens)
+        metrics.prompt_tokens.labels(tenant=self._tenant).inc(event.usage.prompt_tokens)
+        annotate(
+            self._request, finish_reason=event.finish_reason.value,
+            prompt_tokens=event.usage.prompt_tokens,
+            completion_tokens=event.usage.completion_tokens,
+            prefix_tokens=event.usage.prefix_tokens, queue_s=round(event.timings.queue_s, 6),
+            ttft_s=event.timings.ttft_s, total_s=round(event.timings.total_s, 6),
+            **({"error_type": event.error_type} if event.error_type else {}),
+        )
+
+
+async def start_generation(
+    services: Services, request: Request, call: GenerationCall
+) -> Generation:
+    """Resolve the prefix and submit; raises the engine's synchronous errors (429, 400, 503)."""
+    prefix = None
+    if call.prefix_ref is not None:
+        prefix = await services.resolver.resolve(call.tenant, call.prefix_ref)
+        annotate(request, prefix=f"{prefix.name}@{prefix.version}")
+    engine_request = EngineRequest(
+        prompt=call.prompt, sampling=call.sampling, prefix=prefix,
+        request_id=engine_request_id(request), add_special_tokens=call.add_special_tokens,
+    )
+    generation = Generation(services, request, engine_request, call.tenant)
+    annotate(request, engine_request_id=generation.id)
+    return generation
+
+
+def engine_request_id(request: Request) -> str:
+    """The HTTP request id when this server made it; a fresh one when the client chose it."""
+    if request.state.request_id_generated:
+        return request_id(request)
+    return new_request_id()
+
+
+async def complete(generation: Generation, request: Request) -> tuple[str, Finished]:
+    """Run to the end (non-streamed); a client that hangs up cancels the request."""
+    collector = asyncio.ensure_future(_collect(generation))
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not collector.done():
+            generation.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    return await collector
+
+
+async def _collect(generation: Generation) -> tuple[str, Finished]:
+    parts: list[str] = []
+    async for event in generation.events():
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        else:
+            return "".join(parts), event
+    raise srv.FatalEngineError("the engine ended a request without finishing it")
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def finished_error(finished: Finished) -> srv.ServeError:
+    """The server error a `Finished(finish_reason=error)` event stands for."""
+    cls = _ERROR_TYPES.get(finished.error_type or "", srv.ServeError)
+    message = finished.error_message or "the request failed"
+    if issubclass(cls, srv.OverloadedError):
+        return srv.OverloadedError(message)
+    return cls(message)
+
+
+def _error_classes(root: type[srv.ServeError]) -> dict[str, type[srv.ServeError]]:
+    table = {root.type: root}
+    for sub in root.__subclasses__():
+        table.update(_error_classes(sub))
+    return table
+
+
+_ERROR_TYPES = _error_classes(srv.ServeError)

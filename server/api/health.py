@@ -1,0 +1,66 @@
+"""`/health` (the process answers), `/ready` (can serve: model, engine, registry), `/metrics`."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from server.api.deps import ServicesDep
+from server.api.errors import to_serve_error
+from server.api.metrics import CONTENT_TYPE
+from server.api.schemas import HealthOut, ReadyOut, ReadyStatus
+from server.api.state import Services
+
+router = APIRouter(tags=["health"])
+REGISTRY_PING_TIMEOUT_S = 2.0
+_OK = "ok"
+
+
+@router.get("/health", response_model=HealthOut, summary="The process is alive")
+async def health() -> HealthOut:
+    return HealthOut(status="ok")
+
+
+@router.get(
+    "/ready",
+    response_model=ReadyOut,
+    responses={503: {"model": ReadyOut, "description": "not ready: the failing checks named"}},
+    summary="Ready to serve: model loaded, engine alive, registry reachable",
+)
+async def ready(services: ServicesDep) -> JSONResponse:
+    checks = {"model": _OK, "engine": _engine_check(services),
+              "registry": await _registry_check(services)}
+    status: ReadyStatus = "ready" if all(v == _OK for v in checks.values()) else "not_ready"
+    if services.lifecycle.draining:
+        status = "shutting_down"
+    body = ReadyOut(status=status, checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if status == "ready" else 503)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}},
+    summary="Prometheus metrics",
+)
+async def metrics(services: ServicesDep) -> Response:
+    return Response(services.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _engine_check(services: Services) -> str:
+    if services.engine.alive:
+        return _OK
+    return f"dead: {services.engine.fatal_error}"
+
+
+async def _registry_check(services: Services) -> str:
+    try:
+        await asyncio.wait_for(services.store.ping(), REGISTRY_PING_TIMEOUT_S)
+    except TimeoutError:
+        return f"unavailable: no answer within {REGISTRY_PING_TIMEOUT_S}s"
+    except Exception as exc:
+        error = to_serve_error(exc)
+        return f"unavailable: {error.message if error else exc}"
+    return _OK

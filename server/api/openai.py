@@ -1,0 +1,118 @@
+"""OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
+
+`model` names a prefix (`name` or `name@N`, the caller's own) or the base model by the name
+`/v1/models` lists; the rest maps onto the same engine call as `/generate`.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from prefix_registry import errors as reg
+from server.api.deps import EngineDep, GenerationTenant, ServicesDep, StoreDep
+from server.api.errors import error_responses
+from server.api.generation import (
+    Generation,
+    GenerationCall,
+    complete,
+    finished_error,
+    start_generation,
+)
+from server.api.openai_chat import chat_prompt, default_max_tokens
+from server.api.openai_format import ChatFormat, CompletionFormat, openai_stream
+from server.api.openai_schemas import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+    _OpenAIRequest,
+)
+from server.api.state import Services
+from server.engine.request import FinishReason, SamplingParams
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+_ERRORS = error_responses(400, 401, 403, 404, 422, 429, 503)
+_SSE_DOC = {
+    "description": "with `stream: true`: OpenAI-style `data:` chunks ending with `data: [DONE]`",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+MODELS_PAGE = 200
+
+
+@router.post("/completions", response_model=CompletionResponse,
+             responses={200: _SSE_DOC, **_ERRORS}, summary="OpenAI-compatible text completion")
+async def completions(
+    body: CompletionRequest, request: Request, tenant: GenerationTenant,
+    services: ServicesDep, _engine: EngineDep,
+) -> JSONResponse | EventSourceResponse:
+    body.check_supported()
+    sampling = _sampling(body, body.max_tokens or 16)
+    call = GenerationCall(tenant, body.prompt_value(), sampling, _prefix_ref(body, services))
+    generation = await start_generation(services, request, call)
+    fmt = CompletionFormat(generation.id, body.model)
+    return await _respond(services, request, body, generation, fmt)
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse,
+             responses={200: _SSE_DOC, **_ERRORS}, summary="OpenAI-compatible chat completion")
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, tenant: GenerationTenant,
+    services: ServicesDep, _engine: EngineDep,
+) -> JSONResponse | EventSourceResponse:
+    body.check_supported()
+    prompt_ids = chat_prompt(services.loaded.tokenizer, body.messages)
+    prefix_ref = _prefix_ref(body, services)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None:
+        max_tokens = await default_max_tokens(services, tenant, prefix_ref, len(prompt_ids))
+    call = GenerationCall(tenant, prompt_ids, _sampling(body, max_tokens), prefix_ref,
+                          add_special_tokens=False)
+    generation = await start_generation(services, request, call)
+    fmt = ChatFormat(generation.id, body.model)
+    return await _respond(services, request, body, generation, fmt)
+
+
+@router.get("/models", response_model=ModelList, responses=error_responses(401, 403, 503),
+            summary="The base model and the caller's prefixes")
+async def models(tenant: GenerationTenant, services: ServicesDep, store: StoreDep) -> ModelList:
+    cards = [ModelCard(id=services.model_name, created=0, owned_by="prefix-serve")]
+    cursor: str | None = None
+    try:
+        while True:
+            page = await store.list(tenant, limit=MODELS_PAGE, cursor=cursor)
+            cards += [ModelCard(id=m.name, created=int(m.created_at), owned_by=tenant)
+                      for m in page.items]
+            if (cursor := page.next_cursor) is None:
+                break
+    except reg.TenantNotFoundError:
+        pass  # e.g. the operator acting for a tenant that has no prefixes yet
+    return ModelList(data=cards)
+
+
+async def _respond(
+    services: Services, request: Request, body: _OpenAIRequest, generation: Generation,
+    fmt: CompletionFormat | ChatFormat,
+) -> JSONResponse | EventSourceResponse:
+    if body.stream:
+        return EventSourceResponse(
+            openai_stream(generation, fmt, body.include_usage), ping=15, send_timeout=30,
+            shutdown_grace_period=services.settings.shutdown_grace_s + 1,
+        )
+    text, finished = await complete(generation, request)
+    if finished.finish_reason is FinishReason.ERROR:
+        raise finished_error(finished)
+    return JSONResponse(fmt.response(text, finished).model_dump())
+
+
+def _prefix_ref(body: _OpenAIRequest, services: Services) -> str | None:
+    """None for the base model, else the prefix reference."""
+    return None if body.model == services.model_name else body.model
+
+
+def _sampling(body: _OpenAIRequest, max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_tokens, temperature=body.temperature,
+                          top_p=body.top_p, seed=body.seed, stop=body.stop_strings())

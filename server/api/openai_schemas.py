@@ -1,0 +1,204 @@
+"""Wire schemas of the OpenAI-compatible routes (the subset prefix-serve supports).
+
+Unknown fields are ignored (OpenAI clients send options we don't model); known options we can't
+honour (`n > 1`, `logprobs`, `echo`, `best_of`, `suffix`, penalties, `logit_bias`, tools) are a
+400 with the option named, never silently dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from server.errors import InvalidRequestError
+
+MAX_STOP = 16
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _OpenAIRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, description="a prefix id ('name', 'name@N') or the base model")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            raise ValueError(f"stop: at most {MAX_STOP} non-empty strings")
+        return value
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    def check_supported(self) -> None:
+        """400 for options prefix-serve does not implement."""
+        unsupported = {
+            "n": self.n != 1,
+            "presence_penalty": self.presence_penalty != 0,
+            "frequency_penalty": self.frequency_penalty != 0,
+            "logit_bias": bool(self.logit_bias),
+            "logprobs": self.logprobs not in (None, False, 0),
+            **self._more_unsupported(),
+        }
+        named = [name for name, bad in unsupported.items() if bad]
+        if named:
+            raise InvalidRequestError(f"unsupported option(s): {', '.join(named)} "
+                                      "(only n=1, no penalties, logprobs, echo, best_of, tools)")
+
+    def _more_unsupported(self) -> dict[str, bool]:
+        return {}
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_OpenAIRequest):
+    prompt: str | list[str] | list[int]
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def _more_unsupported(self) -> dict[str, bool]:
+        prompts_list = isinstance(self.prompt, list) and self.prompt and isinstance(
+            self.prompt[0], str)
+        return {
+            "echo": self.echo,
+            "best_of": self.best_of not in (None, 1),
+            "suffix": bool(self.suffix),
+            "prompt (a list of several prompts)": bool(prompts_list and len(self.prompt) != 1),
+        }
+
+    def prompt_value(self) -> str | list[int]:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if self.prompt and isinstance(self.prompt[0], str):
+            return str(self.prompt[0])
+        return [int(t) for t in self.prompt]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequestError("only text content parts are supported")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[Any] | None = None
+    top_logprobs: int | None = None
+
+    def _more_unsupported(self) -> dict[str, bool]:
+        return {"tools": bool(self.tools), "top_logprobs": bool(self.top_logprobs)}
+
+
+# --- responses ----------------------------------------------------------------------------------
+OpenAIFinish = Literal["stop", "length"]
+
+
+class OpenAIUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: OpenAIFinish | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: OpenAIUsage | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: OpenAIFinish
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: OpenAIUsage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: OpenAIFinish | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: OpenAIUsage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

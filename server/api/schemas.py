@@ -1,0 +1,174 @@
+"""Wire schemas of the native HTTP API (docs/http-api.md); separate from the engine's dataclasses.
+
+Request bodies forbid unknown fields, so a misspelt option is a 422 rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_STRINGS = 16
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # tenant names
+PREFIX_REF_PATTERN = r"^[^@\s/]{1,128}(@[0-9]{1,9})?$"  # "name" or "name@version"
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- errors -------------------------------------------------------------------------------------
+class ErrorDetail(BaseModel):
+    type: str = Field(description="machine-readable error type, e.g. not_found, overloaded")
+    message: str = Field(description="what went wrong, for a person")
+
+
+class ErrorBody(BaseModel):
+    """Every failure, streamed or not."""
+
+    error: ErrorDetail
+
+
+# --- generation ---------------------------------------------------------------------------------
+class GenerateRequest(_Body):
+    prefix_id: str | None = Field(
+        default=None, pattern=PREFIX_REF_PATTERN, description="'name' or 'name@N'; null = base"
+    )
+    prompt: str = Field(min_length=1, max_length=1_000_000)
+    max_new_tokens: int = Field(default=64, ge=1, le=1_000_000)
+    temperature: float = Field(default=0.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0, description="0 = off")
+    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stream: bool = False
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_string(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stops(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+
+FinishReasonName = Literal["stop", "length", "cancelled", "error"]
+
+
+class UsageOut(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    prefix_tokens: int
+
+
+class TimingsOut(BaseModel):
+    queue_s: float
+    ttft_s: float | None
+    total_s: float
+
+
+class PrefixRefOut(BaseModel):
+    id: str
+    version: int
+
+
+class GenerateDone(BaseModel):
+    """The final result without its text: the streamed `done` event's data."""
+
+    id: str
+    finish_reason: FinishReasonName
+    usage: UsageOut
+    prefix: PrefixRefOut | None
+    timings: TimingsOut
+
+
+class GenerateResponse(GenerateDone):
+    text: str
+
+
+class DeltaOut(BaseModel):
+    """A streamed `delta` event's data."""
+
+    text: str
+
+
+# --- prefixes -----------------------------------------------------------------------------------
+class PrefixInfo(BaseModel):
+    name: str
+    version: int
+    tenant: str
+    form: Literal["p_theta", "kv"]
+    prefix_len: int
+    dtype: str
+    sha256: str
+    size_bytes: int
+    created_at: float
+    description: str = ""
+    training: dict[str, Any] = Field(default_factory=dict)
+    model: dict[str, Any] = Field(default_factory=dict, description="the model fingerprint")
+
+
+class PrefixDetail(PrefixInfo):
+    """The latest version plus every version still stored (newest first)."""
+
+    versions: list[PrefixInfo]
+
+
+class PrefixPage(BaseModel):
+    items: list[PrefixInfo]
+    next_cursor: str | None
+
+
+class DeletedOut(BaseModel):
+    deleted: int
+
+
+# --- tenants ------------------------------------------------------------------------------------
+class TenantCreate(_Body):
+    name: str = Field(pattern=NAME_PATTERN)
+
+
+class IssuedKey(BaseModel):
+    """A new API key: shown once, stored only as its sha256."""
+
+    name: str
+    key_id: str
+    api_key: str
+
+
+class KeyInfo(BaseModel):
+    key_id: str
+    created_at: float
+
+
+class TenantInfo(BaseModel):
+    name: str
+    keys: list[KeyInfo]
+
+
+class TenantList(BaseModel):
+    items: list[TenantInfo]
+
+
+class RevokedOut(BaseModel):
+    revoked: str
+
+
+# --- health -------------------------------------------------------------------------------------
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+
+ReadyStatus = Literal["ready", "not_ready", "shutting_down"]
+
+
+class ReadyOut(BaseModel):
+    status: ReadyStatus
+    checks: dict[str, str] = Field(description="model, engine, registry: 'ok' or what is wrong")

@@ -1,0 +1,64 @@
+"""What the routes share for the life of the app: model, engine, store, resolver, auth, metrics.
+
+`Services` is built by the app's lifespan (`server/app.py`) and reached from routes through the
+dependency aliases in `deps.py`. `Lifecycle` is the shutdown switch: once flipped (SIGTERM or
+lifespan exit), new requests get 503 `shutting_down` while running ones finish within the grace
+period and are then cancelled by the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from prefix_registry.store import PrefixStore
+from server.api.auth import Authenticator
+from server.api.metrics import Metrics
+from server.api.resolver import PrefixResolver
+from server.engine.engine import Engine
+from server.models.loader import LoadedModel
+from server.settings import Settings
+
+log = logging.getLogger("prefix_serve.server")
+
+
+class Lifecycle:
+    """Stop admitting, drain the engine within `grace_s`, then it is safe to exit."""
+
+    def __init__(self, engine: Engine, grace_s: float) -> None:
+        self._engine = engine
+        self._grace_s = grace_s
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def draining(self) -> bool:
+        return self._task is not None
+
+    def begin_shutdown(self) -> None:
+        """Start draining (idempotent). Must run on the event loop's thread."""
+        if self._task is None:
+            log.info("shutting down: no new requests; running ones get %.1fs", self._grace_s)
+            self._task = asyncio.ensure_future(self._engine.shutdown(self._grace_s))
+
+    async def wait_drained(self) -> None:
+        self.begin_shutdown()
+        assert self._task is not None
+        await self._task
+
+
+@dataclass
+class Services:
+    settings: Settings
+    loaded: LoadedModel
+    engine: Engine
+    store: PrefixStore
+    resolver: PrefixResolver
+    auth: Authenticator
+    metrics: Metrics
+    lifecycle: Lifecycle
+
+    @property
+    def model_name(self) -> str:
+        """The base model's public name (what `/v1/models` lists)."""
+        return self.settings.served_model_name or self.loaded.name

@@ -1,0 +1,145 @@
+"""The app factory: routers, error handlers, middleware, and the lifespan that owns the services.
+
+Startup loads the model (in a thread), opens the registry, subscribes the prefix cache to its
+changes and starts the engine; shutdown stops admitting, lets running requests finish within the
+grace period (then the engine cancels them), and closes the registry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from prefix_registry import errors as reg
+from prefix_registry.store import PrefixStore, open_store
+from prefix_registry.validation import Limits
+from server.api import admin_prefixes, admin_tenants, generate, health, openai
+from server.api.auth import DEFAULT_TENANT, Authenticator
+from server.api.errors import install_error_handlers
+from server.api.metrics import Metrics
+from server.api.middleware import RequestContextMiddleware
+from server.api.resolver import PrefixResolver
+from server.api.state import Lifecycle, Services
+from server.engine.config import EngineConfig
+from server.engine.engine import Engine
+from server.models.loader import LoadedModel, load_model
+from server.settings import Settings
+
+log = logging.getLogger("prefix_serve.server")
+API_VERSION = "1"
+
+
+def create_app(
+    settings: Settings, *, loaded: LoadedModel | None = None, engine: Engine | None = None
+) -> FastAPI:
+    """Build the app. The model is loaded at startup unless `loaded` is given (the CLI loads it
+    first to fail fast; tests share one); likewise the engine (`engine`, not yet started)."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = await start_services(settings, metrics, loaded, engine)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            await stop_services(services)
+
+    app = FastAPI(
+        title="prefix-serve",
+        version=API_VERSION,
+        summary="Many tenants' Prefix-Tuning adapters on one frozen model, batched together",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)
+    for module in (generate, openai, admin_prefixes, admin_tenants, health):
+        app.include_router(module.router)
+    return app
+
+
+async def start_services(
+    settings: Settings,
+    metrics: Metrics,
+    loaded: LoadedModel | None = None,
+    engine: Engine | None = None,
+) -> Services:
+    if loaded is None:
+        loaded = await asyncio.to_thread(
+            load_model, settings.model, dtype=settings.dtype, device=settings.device
+        )
+    store = open_store(
+        settings.redis_url, namespace=_namespace(settings), directory=settings.data_dir,
+        limits=Limits(max_upload_bytes=settings.max_upload_bytes),
+    )
+    resolver = PrefixResolver(
+        store, fingerprint=loaded.fingerprint, max_bytes=settings.prefix_cache_bytes
+    )
+    await resolver.start()
+    engine = engine or Engine(loaded, engine_config(settings))
+    engine.start()
+    metrics.watch_engine(engine.stats)
+    auth = Authenticator(
+        admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
+        disabled=settings.auth_disabled, lookup=store.tenant_for_key_hash,
+    )
+    services = Services(settings, loaded, engine, store, resolver, auth, metrics,
+                        Lifecycle(engine, settings.shutdown_grace_s))
+    if settings.auth_disabled:
+        await _development_mode(store)
+    _log_startup(services)
+    return services
+
+
+async def stop_services(services: Services) -> None:
+    try:
+        await services.lifecycle.wait_drained()
+    finally:
+        await services.resolver.close()
+        await services.store.close()
+    log.info("stopped")
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        kv_cache_bytes=settings.kv_cache_bytes,
+        max_seq_len=settings.max_seq_len,
+        prefix_cache_bytes=settings.prefix_cache_bytes,
+        prefill_chunk_tokens=settings.prefill_chunk_tokens,
+    )
+
+
+def _namespace(settings: Settings) -> str:
+    return settings.namespace if settings.namespace.endswith(":") else settings.namespace + ":"
+
+
+async def _development_mode(store: PrefixStore) -> None:
+    log.warning(
+        "AUTHENTICATION IS DISABLED (--auth-disabled): every caller is tenant %r with operator "
+        "rights. Never expose this server beyond your machine.", DEFAULT_TENANT,
+    )
+    try:
+        if not await store.tenant_exists(DEFAULT_TENANT):
+            await store.create_tenant(DEFAULT_TENANT)
+    except reg.ConflictError:
+        pass  # another process created it meanwhile
+    except reg.RegistryUnavailableError as exc:
+        log.warning("could not create tenant %r yet: %s", DEFAULT_TENANT, exc.message)
+
+
+def _log_startup(services: Services) -> None:
+    loaded, settings = services.loaded, services.settings
+    log.info(
+        "model %s loaded: family=%s dtype=%s device=%s max_context=%d fingerprint=%s (%s)",
+        loaded.name, loaded.family.name, str(loaded.dtype).removeprefix("torch."),
+        loaded.device, loaded.max_context, loaded.fingerprint.digest[:16],
+        loaded.fingerprint.short,
+    )
+    log.info("registry: %s", settings.store_description)
+    log.info("engine: %s", services.engine.stats())

@@ -1,0 +1,117 @@
+"""The server's settings: the one place flags and environment variables are read.
+
+Every field is a command-line flag (`--max-batch-size 8`) and an environment variable
+(`PREFIX_SERVE_MAX_BATCH_SIZE=8`); a flag wins over the variable, which wins over the default.
+Tests build `Settings(...)` directly with keyword arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+DEFAULT_DATA_DIR = Path("~/.local/share/prefix-serve")
+
+
+class Settings(BaseSettings):
+    """Everything `prefix-serve` can be told, validated once at startup."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PREFIX_SERVE_",
+        cli_prog_name="prefix-serve",
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        extra="forbid",
+    )
+
+    # --- the model
+    model: str = Field(description="Hugging Face model id or local model directory")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="weights dtype (auto: the checkpoint's; float32 on CPU)"
+    )
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    served_model_name: str | None = Field(
+        default=None, description="the base model's name in the OpenAI API (default: --model)"
+    )
+    # --- the HTTP server
+    host: str = Field(default="127.0.0.1", description="address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # --- the registry
+    redis_url: str | None = Field(
+        default=None, description="Redis URL of the shared registry; unset = embedded store"
+    )
+    data_dir: Path = Field(default=DEFAULT_DATA_DIR, description="embedded store's directory")
+    namespace: str = Field(
+        default="prefix-serve", min_length=1, description="key namespace inside Redis"
+    )
+    max_upload_mb: float = Field(default=64.0, gt=0, description="largest prefix upload (MiB)")
+    # --- the engine
+    max_batch_size: int = Field(default=16, ge=1, description="requests decoded together")
+    max_queue: int = Field(default=256, ge=1, description="waiting requests before 429")
+    kv_cache_mb: float = Field(default=512.0, gt=0, description="KV pool budget (MiB)")
+    prefix_cache_mb: float = Field(default=256.0, gt=0, description="prefix K/V cache (MiB)")
+    max_seq_len: int | None = Field(
+        default=None, ge=2, description="prefix+prompt+output per request (default: model's)"
+    )
+    prefill_chunk_tokens: int = Field(default=512, ge=1, description="prompt tokens per step")
+    # --- auth and lifecycle
+    admin_key: SecretStr | None = Field(default=None, description="the operator key")
+    auth_disabled: bool = Field(
+        default=False, description="development only: no keys; everyone is 'default' + operator"
+    )
+    shutdown_grace_s: float = Field(
+        default=30.0, ge=0, description="on SIGTERM, how long running requests may finish"
+    )
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return value.expanduser()
+
+    @model_validator(mode="after")
+    def _auth_configured(self) -> Settings:
+        if not self.auth_disabled and not self.admin_key:
+            raise ValueError(
+                "no operator key: pass --admin-key (or PREFIX_SERVE_ADMIN_KEY), or --auth-disabled "
+                "for local development"
+            )
+        return self
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * MIB)
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return int(self.kv_cache_mb * MIB)
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return int(self.prefix_cache_mb * MIB)
+
+    @property
+    def store_description(self) -> str:
+        """Where prefixes live, for logs (the Redis URL without its password)."""
+        if self.redis_url is None:
+            return f"local directory {self.data_dir} (namespace {self.namespace})"
+        return f"redis {_redact_url(self.redis_url)} (namespace {self.namespace})"
+
+
+def parse_settings(argv: Sequence[str]) -> Settings:
+    """Settings from command-line flags, falling back to PREFIX_SERVE_* variables."""
+    return Settings(_cli_parse_args=list(argv))  # type: ignore[call-arg]
+
+
+def _redact_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}" if user else f"{scheme}{sep}***@{host}"
