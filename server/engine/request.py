@@ -57,7 +57,7 @@ class EngineRequest:
     add_special_tokens: bool = True
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"
     LENGTH = "length"
     CANCELLED = "cancelled"
@@ -108,3 +108,63 @@ class Completion:
 
 def now() -> float:
     return time.perf_counter()
+
+
+class Status(enum.Enum):
+    """Where a request is inside the engine."""
+
+    WAITING = "waiting"  # queued; holds no KV slot
+    PREFILL = "prefill"  # holds a slot; prompt tokens still being computed (in chunks)
+    DECODE = "decode"  # prompt done; one token per step
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """One request's state inside the engine: one status plus counters (engine thread only).
+
+    Its KV slot holds `[prefix K/V (prefix_len) | prompt | generated]`; column `c` of the slot is
+    the token at position id `c`. `num_computed` columns are filled so far.
+    """
+
+    request_id: str
+    spec: EngineRequest
+    prompt_ids: list[int]
+    arrival: float = field(default_factory=now)
+    status: Status = Status.WAITING
+    slot: int = -1  # row of the KV pool; -1 while waiting
+    num_computed: int = 0  # filled slot columns: prefix + computed prompt + fed-back outputs
+    output_ids: list[int] = field(default_factory=list)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finish_reason: FinishReason | None = None
+
+    @property
+    def prefix_len(self) -> int:
+        return self.spec.prefix.prefix_len if self.spec.prefix is not None else 0
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.spec.sampling
+
+    @property
+    def prompt_done(self) -> int:
+        """Prompt tokens whose K/V are in the slot."""
+        return min(max(self.num_computed - self.prefix_len, 0), len(self.prompt_ids))
+
+    @property
+    def prompt_left(self) -> int:
+        return len(self.prompt_ids) - self.prompt_done
+
+    @property
+    def max_columns(self) -> int:
+        """Slot columns this request can ever need (the last sampled token is never fed back)."""
+        return self.prefix_len + len(self.prompt_ids) + self.sampling.max_new_tokens - 1
+
+    def usage(self) -> Usage:
+        return Usage(len(self.prompt_ids), len(self.output_ids), self.prefix_len)
+
+    def timings(self, end: float) -> Timings:
+        queued = (self.admitted_at if self.admitted_at is not None else end) - self.arrival
+        ttft = None if self.first_token_at is None else self.first_token_at - self.arrival
+        return Timings(queue_s=queued, ttft_s=ttft, total_s=end - self.arrival)

@@ -1,0 +1,60 @@
+"""Per-row sampling in a mixed batch."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.request import SamplingParams
+from server.engine.sampler import make_generator, sample
+
+CPU = torch.device("cpu")
+
+
+def _logits(rows: int, vocab: int = 50, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def _draw_many(logits_row: torch.Tensor, params: SamplingParams, n: int) -> list[int]:
+    gen = make_generator(params, CPU)
+    return [sample(logits_row[None], [params], [gen])[0] for _ in range(n)]
+
+
+def test_greedy_rows_take_the_argmax() -> None:
+    logits = _logits(4)
+    greedy = SamplingParams()
+    assert sample(logits, [greedy] * 4, [None] * 4) == logits.argmax(-1).tolist()
+    assert make_generator(greedy, CPU) is None
+
+
+def test_a_seeded_row_is_independent_of_its_neighbours() -> None:
+    row = _logits(1, seed=1)[0]
+    params = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=42)
+    alone = _draw_many(row, params, 20)
+    # The same row in a batch of other sampled and greedy rows, with their own generators.
+    others = [SamplingParams(temperature=0.7, seed=s) for s in range(3)] + [SamplingParams()]
+    gens = [make_generator(p, CPU) for p in [params, *others]]
+    mixed = []
+    for step in range(20):
+        batch = torch.cat([row[None], _logits(4, seed=100 + step)])
+        mixed.append(sample(batch, [params, *others], gens)[0])
+    assert mixed == alone
+    other_seed = SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=43)
+    assert _draw_many(row, other_seed, 20) != alone
+
+
+def test_top_k_and_top_p_restrict_the_support() -> None:
+    row = _logits(1, seed=2)[0]
+    order = row.argsort(descending=True).tolist()
+    top3 = set(_draw_many(row, SamplingParams(temperature=5.0, top_k=3, seed=1), 300))
+    assert top3 == set(order[:3])  # hot temperature: all three show up, nothing else
+    probs = torch.softmax(row, -1)[order]
+    head = int((probs.cumsum(0) < 0.5).sum()) + 1  # smallest head with mass >= 0.5
+    seen = set(_draw_many(row, SamplingParams(temperature=1.0, top_p=0.5, seed=2), 300))
+    assert seen <= set(order[:head]) and len(seen) == head
+
+
+def test_temperature_sampling_follows_the_distribution() -> None:
+    row = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    draws = _draw_many(row, SamplingParams(temperature=1.0, seed=3), 4000)
+    freq = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
+    assert (freq - torch.softmax(row, -1)).abs().max() < 0.03
