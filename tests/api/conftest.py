@@ -3,8 +3,7 @@ removed after) or the embedded local store; in-process ASGI with the lifespan ru
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,51 +11,14 @@ from typing import Any
 
 import httpx
 import pytest
-import redis
 from fastapi import FastAPI
 
 from server.api.state import Services
 from server.app import create_app
-from server.models.loader import LoadedModel, load_model
+from server.models.loader import LoadedModel
 from server.settings import Settings
 from tests.api.helpers import ADMIN_KEY
-
-REDIS_URL = "redis://127.0.0.1:6379/0"
-RUN_NAMESPACE = f"prefix-serve-api-test-{uuid.uuid4().hex[:8]}"
-
-
-def delete_namespace(namespace: str) -> None:
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    try:
-        keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
-        for i in range(0, len(keys), 500):
-            client.delete(*keys[i : i + 500])
-    finally:
-        client.close()
-
-
-@pytest.fixture(scope="session")
-def loaded(tiny_model_dir: Callable[..., Path]) -> LoadedModel:
-    """One tiny Llama loaded through the user's path, shared by every app (it is frozen)."""
-    return load_model(str(tiny_model_dir("llama")), dtype="float32")
-
-
-@pytest.fixture(scope="session")
-def redis_available() -> Iterator[None]:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_timeout=1, socket_connect_timeout=1).ping()
-    except redis.RedisError as e:
-        pytest.skip(f"Redis at {REDIS_URL} does not answer ({e})")
-    yield
-    delete_namespace(RUN_NAMESPACE)
-
-
-@pytest.fixture
-def namespace(redis_available: None) -> Iterator[str]:
-    ns = f"{RUN_NAMESPACE}-{uuid.uuid4().hex[:8]}:"
-    yield ns
-    delete_namespace(ns)
-
+from tests.redis_ns import REDIS_URL
 
 SettingsFactory = Callable[..., Settings]
 

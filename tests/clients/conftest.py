@@ -8,25 +8,22 @@ import asyncio
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 import uvicorn
 
 import clients
 from clients import _async_client, _client
 from server.api.state import Services
 from server.app import create_app
-from server.models.loader import LoadedModel, load_model
+from server.models.loader import LoadedModel
 from server.settings import Settings
+from tests.redis_ns import REDIS_URL, delete_namespace, new_namespace
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-RUN_NAMESPACE = f"prefix-serve-sdk-test-{uuid.uuid4().hex[:8]}"
 ADMIN_KEY = "sdk-test-operator-key"
 START_TIMEOUT_S = 60.0
 
@@ -103,45 +100,19 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     return recorded
 
 
-def delete_namespace(namespace: str) -> None:
-    client = redis.Redis.from_url(REDIS_URL, socket_timeout=2)
-    try:
-        keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
-        for i in range(0, len(keys), 500):
-            client.delete(*keys[i : i + 500])
-    finally:
-        client.close()
-
-
-@pytest.fixture(scope="session")
-def loaded(tiny_model_dir: Callable[..., Path]) -> LoadedModel:
-    """One tiny Llama loaded through the user's path, shared by every server (it is frozen)."""
-    return load_model(str(tiny_model_dir("llama")), dtype="float32")
-
-
-@pytest.fixture(scope="session")
-def redis_available() -> Iterator[None]:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_timeout=1, socket_connect_timeout=1).ping()
-    except redis.RedisError as e:
-        pytest.skip(f"Redis at {REDIS_URL} does not answer ({e})")
-    yield
-    delete_namespace(RUN_NAMESPACE)
-
-
 ServerFactory = Callable[..., LiveServer]
 
 
 @pytest.fixture
 def start_server(
-    loaded: LoadedModel, redis_available: None, tmp_path: Path
+    loaded: LoadedModel, redis_url: str, tmp_path: Path
 ) -> Iterator[ServerFactory]:
     """Start a server (keyword arguments override its settings); all are stopped after the test
     and their Redis namespaces removed."""
     started: list[tuple[_Runner, str]] = []
 
     def start(**overrides: Any) -> LiveServer:
-        namespace = f"{RUN_NAMESPACE}-{uuid.uuid4().hex[:8]}:"
+        namespace = new_namespace()
         values: dict[str, Any] = dict(
             model=loaded.name, admin_key=ADMIN_KEY, redis_url=REDIS_URL, namespace=namespace,
             data_dir=tmp_path / "data", max_batch_size=4, max_queue=16, kv_cache_mb=1.0,

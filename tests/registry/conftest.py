@@ -4,12 +4,10 @@ the local store in a temp dir, a small model fingerprint and artifact builders."
 from __future__ import annotations
 
 import socket
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
-import redis
 import torch
 
 from prefix_registry.artifact import PrefixArtifact
@@ -18,42 +16,10 @@ from prefix_registry.local_store import LocalStore
 from prefix_registry.redis_store import RedisStore
 from prefix_registry.store import PrefixStore
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
-RUN_NAMESPACE = f"prefix-serve-test-{uuid.uuid4().hex[:8]}:"
-
 FP = ModelFingerprint(
     architecture="LlamaForCausalLM", family="llama", num_layers=2, hidden_size=64,
     num_kv_heads=2, head_dim=16, vocab_size=384, digest="ab" * 32,
 )
-
-
-def delete_namespace(url: str, namespace: str) -> None:
-    """Remove every key under `namespace` (and nothing else)."""
-    client = redis.Redis.from_url(url, socket_timeout=2)
-    try:
-        keys = list(client.scan_iter(match=f"{namespace}*", count=1000))
-        for i in range(0, len(keys), 500):
-            client.delete(*keys[i : i + 500])
-    finally:
-        client.close()
-
-
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """The real Redis; every test skips with the reason if it does not answer."""
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_timeout=1, socket_connect_timeout=1).ping()
-    except redis.RedisError as e:
-        pytest.skip(f"Redis at {REDIS_URL} does not answer ({e}); registry Redis tests need it")
-    yield REDIS_URL
-    delete_namespace(REDIS_URL, RUN_NAMESPACE)  # leftovers of crashed tests
-
-
-@pytest.fixture
-def namespace(redis_url: str) -> Iterator[str]:
-    ns = f"{RUN_NAMESPACE}{uuid.uuid4().hex[:8]}:"
-    yield ns
-    delete_namespace(redis_url, ns)
 
 
 @pytest.fixture
