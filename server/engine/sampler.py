@@ -13,10 +13,18 @@ import torch
 
 from server.engine.request import SamplingParams
 
+# Temperatures below this sample as greedy: dividing logits by a vanishing temperature overflows
+# to inf/NaN probabilities, and the distribution is a point mass on the argmax anyway.
+GREEDY_TEMPERATURE = 1e-5
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_TEMPERATURE
+
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """The request's own random stream; None for greedy requests (they never draw)."""
-    if params.temperature == 0:
+    if is_greedy(params):
         return None
     seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
     generator = torch.Generator(device=device)
@@ -31,7 +39,7 @@ def sample(
 ) -> list[int]:
     """logits: float32 [rows, vocab]; one token id per row."""
     tokens: list[int] = logits.argmax(dim=-1).tolist()
-    rows = [i for i, p in enumerate(params) if p.temperature > 0]
+    rows = [i for i, p in enumerate(params) if not is_greedy(p)]
     if rows:
         index = torch.tensor(rows, device=logits.device)
         picked = _draw(logits[index], [params[i] for i in rows], [generators[i] for i in rows])
@@ -53,9 +61,15 @@ def _draw(
         probs = _filter_sorted(scaled, params)
     else:
         probs = torch.softmax(scaled, dim=-1)
+    # A row whose logits hold NaN/inf has no distribution to draw from: it takes its best
+    # token instead of failing the whole batch inside multinomial.
+    usable = (probs.isfinite() & (probs >= 0)).all(dim=-1) & (probs.sum(dim=-1) > 0)
     tokens = []
     for row, generator in enumerate(generators):
-        j = int(torch.multinomial(probs[row], 1, generator=generator))
+        if usable[row]:
+            j = int(torch.multinomial(probs[row], 1, generator=generator))
+        else:
+            j = int(torch.nan_to_num(scaled[row], nan=float("-inf")).argmax())
         tokens.append(j if order is None else int(order[row, j]))
     return tokens
 

@@ -113,6 +113,16 @@ async def test_seeded_sampling_is_reproducible(server: Served) -> None:
     assert first["text"] == second["text"]
 
 
+async def test_a_vanishing_temperature_is_greedy_and_the_engine_survives(
+    server: Served, loaded: LoadedModel
+) -> None:
+    key = await create_tenant(server.client, "acme")
+    out = await generate(server, key, temperature=2.5e-234, top_p=0.01)
+    assert out["text"] == decode(loaded, reference_greedy(loaded, PROMPT, N))
+    ready = await server.client.get("/ready")
+    assert ready.status_code == 200, ready.text
+
+
 async def test_request_id_is_accepted_and_returned(server: Served) -> None:
     key = await create_tenant(server.client, "acme")
     response = await server.client.post("/generate", json={"prompt": PROMPT, "max_new_tokens": 1},

@@ -58,3 +58,21 @@ def test_temperature_sampling_follows_the_distribution() -> None:
     draws = _draw_many(row, SamplingParams(temperature=1.0, seed=3), 4000)
     freq = torch.bincount(torch.tensor(draws), minlength=4).float() / len(draws)
     assert (freq - torch.softmax(row, -1)).abs().max() < 0.03
+
+
+def test_a_vanishing_temperature_samples_as_greedy() -> None:
+    logits = _logits(3)
+    tiny = SamplingParams(temperature=2.5e-234, top_p=0.01, seed=1)
+    assert make_generator(tiny, CPU) is None
+    gens = [make_generator(tiny, CPU)] * 3
+    assert sample(logits, [tiny] * 3, gens) == logits.argmax(-1).tolist()
+
+
+def test_non_finite_logits_fail_no_row() -> None:
+    logits = _logits(3)
+    logits[1, 7] = float("inf")
+    logits[2] = float("nan")
+    params = [SamplingParams(temperature=1.0, seed=s) for s in range(3)]
+    tokens = sample(logits, params, [make_generator(p, CPU) for p in params])
+    assert tokens[1] == 7  # the inf logit is the only possible choice
+    assert 0 <= tokens[0] < logits.shape[1] and 0 <= tokens[2] < logits.shape[1]
