@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPBearer
 
+from prefix_registry.errors import TenantNotFoundError
 from prefix_registry.store import PrefixStore
 from server.api.auth import Principal
 from server.api.middleware import annotate
@@ -46,15 +47,21 @@ def operator_principal(principal: PrincipalDep) -> Principal:
 OperatorDep = Annotated[Principal, Depends(operator_principal)]
 
 
-def generation_tenant(
+async def generation_tenant(
     request: Request,
     principal: PrincipalDep,
+    services: ServicesDep,
     x_tenant: Annotated[
         str | None, Header(description="operator key only: the tenant to act for")
     ] = None,
 ) -> str:
-    """The tenant whose prefixes a generation call may use."""
+    """The tenant whose prefixes a generation call may use. A tenant the operator names must
+    exist (it also labels the request in logs and metrics)."""
     tenant = principal.tenant_for(x_tenant)
+    if x_tenant is not None and principal.is_operator and not await services.store.tenant_exists(
+        tenant
+    ):
+        raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
     annotate(request, tenant=tenant)
     return tenant
 

@@ -162,3 +162,5 @@ async def test_authentication_and_permissions(server: Served) -> None:
           403, "permission_denied")
     check(await c.post("/generate", headers={**auth(key), "X-Tenant": "other"},
                        json={"prompt": "hi"}), 403, "permission_denied")
+    check(await c.post("/generate", headers={**auth(ADMIN_KEY), "X-Tenant": "no-such-tenant"},
+                       json={"prompt": "hi"}), 404, "not_found")
