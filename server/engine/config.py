@@ -44,6 +44,8 @@ class EngineStats:
     prefix_cache_bytes: int
     prefix_cache_entries: int
     steps: int
+    busy_s: float = 0.0  # wall time inside steps that ran the model
+    forward_s: float = 0.0  # of which: the model's forward (logits on the host)
 
 
 def pool_for(loaded: LoadedModel, config: EngineConfig) -> KVPool:

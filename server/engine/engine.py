@@ -57,6 +57,7 @@ class Engine:
         self.fatal_error: BaseException | None = None
         self.first_logits: dict[str, torch.Tensor] = {}  # request id -> [vocab] (record_logits)
         self.steps = self.tokens_generated = 0
+        self.busy_s = self.forward_s = 0.0  # see EngineStats
         self._eos = eos_ids(loaded)
         self._live: dict[str, Live] = {}  # engine thread only
         self._outbox = Outbox()
@@ -106,6 +107,7 @@ class Engine:
             tokens_generated=self.tokens_generated, prefix_cache_hits=cache.hits,
             prefix_cache_misses=cache.misses, prefix_cache_evictions=cache.evictions,
             prefix_cache_bytes=cache.bytes, prefix_cache_entries=cache.entries, steps=self.steps,
+            busy_s=self.busy_s, forward_s=self.forward_s,
         )
 
     async def shutdown(self, grace_s: float) -> None:
@@ -160,10 +162,13 @@ class Engine:
             self._admit(request)
         plan = self.scheduler.schedule()
         if not plan.empty:
+            started = now()
             rows, logits, failed = self._run(plan)
+            self.forward_s += now() - started
             self.scheduler.commit(plan)
             self._update(rows, logits, failed)
             self.steps += 1
+            self.busy_s += now() - started
         self._outbox.flush()
 
     def _run(

@@ -49,12 +49,27 @@ class PrefixSource:
 
 
 @dataclass(frozen=True)
+class TenantShare:
+    """Who a request belongs to and that tenant's share of the engine (its current quotas).
+
+    The API layer fills it from the tenant's record at submit; the scheduler reads it for fair
+    admission, and `submit` for the queue cap. The newest request's share is the tenant's share.
+    """
+
+    name: str = ""  # tenant name; "" = untracked (direct engine use)
+    weight: float = 1.0  # fair-share weight: a tenant with weight 2 gets twice the service
+    max_running: int | None = None  # this tenant's requests running at once; None = no cap
+    max_queued: int | None = None  # this tenant's waiting requests; beyond it submit refuses
+
+
+@dataclass(frozen=True)
 class EngineRequest:
     prompt: str | list[int]  # text, or token ids already encoded
     sampling: SamplingParams = field(default_factory=SamplingParams)
     prefix: PrefixSource | None = None
     request_id: str = ""  # assigned by the engine when empty
     add_special_tokens: bool = True
+    tenant: TenantShare = field(default_factory=TenantShare)
 
 
 class FinishReason(enum.StrEnum):
