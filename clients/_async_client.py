@@ -124,7 +124,7 @@ class AsyncPrefixClient(_ClientBase):
 
     async def health(self, **options: Unpack[B.RequestOptions]) -> Health:
         """See `PrefixClient.health`."""
-        return Health.model_validate(await self._json(B.health_call(), options))
+        return B.parse_health(await self._send(B.health_call(), options))
 
     async def ready(self, **options: Unpack[B.RequestOptions]) -> Readiness:
         """See `PrefixClient.ready`."""

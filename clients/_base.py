@@ -17,7 +17,7 @@ import httpx
 
 from clients import _constants as C
 from clients._exceptions import make_status_error, parse_retry_after
-from clients._types import Readiness
+from clients._types import Health, Readiness
 from clients._uploads import FilePart, PrefixSource, file_parts
 
 TimeoutTypes = float | httpx.Timeout | None
@@ -193,12 +193,20 @@ def revoke_key_call(tenant: str, key_id: str) -> APICall:
 
 
 def health_call() -> APICall:
-    return APICall("GET", "/health")
+    # A 503 from /health is the answer "the engine is dead" (restart the server), not a fault.
+    return APICall("GET", "/health", accept=frozenset({503}))
 
 
 def ready_call() -> APICall:
     # A 503 from /ready is the answer "not ready" (with the failing checks), not a fault to retry.
     return APICall("GET", "/ready", accept=frozenset({503}))
+
+
+def parse_health(response: httpx.Response) -> Health:
+    body = _body(response)
+    if isinstance(body, dict) and "status" in body:
+        return Health.model_validate(body)
+    raise status_error(response)
 
 
 def parse_readiness(response: httpx.Response) -> Readiness:

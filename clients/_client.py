@@ -166,8 +166,8 @@ class PrefixClient(_ClientBase):
         return str(self._json(B.revoke_key_call(tenant, key_id), options)["revoked"])
 
     def health(self, **options: Unpack[B.RequestOptions]) -> Health:
-        """`/health`: the process is alive."""
-        return Health.model_validate(self._json(B.health_call(), options))
+        """`/health`: the process is alive; `.ok == False` when its engine died (restart it)."""
+        return B.parse_health(self._send(B.health_call(), options))
 
     def ready(self, **options: Unpack[B.RequestOptions]) -> Readiness:
         """`/ready`: model, engine and registry checks; a degraded server answers `.ok == False`."""

@@ -98,7 +98,14 @@ class Tenant(_Model):
 
 
 class Health(_Model):
+    """`/health`: "ok", or (with status 503) "engine_dead" and why."""
+
     status: str
+    detail: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
 
 
 class Readiness(_Model):

@@ -144,8 +144,9 @@ def cmd_tenant_revoke_key(client: PrefixClient, args: argparse.Namespace) -> int
 
 
 def cmd_health(client: PrefixClient, args: argparse.Namespace) -> int:
-    out.health(client.health(), as_json=args.json)
-    return EXIT_OK
+    health = client.health()
+    out.health(health, as_json=args.json)
+    return EXIT_OK if health.ok else EXIT_API_ERROR
 
 
 def cmd_ready(client: PrefixClient, args: argparse.Namespace) -> int:

@@ -1,4 +1,9 @@
-"""`/health` (the process answers), `/ready` (can serve: model, engine, registry), `/metrics`."""
+"""`/health` (liveness: the process can still serve), `/ready` (readiness: model, engine, registry),
+`/metrics`.
+
+A dead engine never comes back without a restart, so `/health` fails with it: a liveness probe
+(Docker's HEALTHCHECK, Kubernetes' livenessProbe) then restarts the process. A registry outage is
+not a liveness failure (the server recovers by itself), only a readiness one."""
 
 from __future__ import annotations
 
@@ -18,9 +23,17 @@ REGISTRY_PING_TIMEOUT_S = 2.0
 _OK = "ok"
 
 
-@router.get("/health", response_model=HealthOut, summary="The process is alive")
-async def health() -> HealthOut:
-    return HealthOut(status="ok")
+@router.get(
+    "/health",
+    response_model=HealthOut,
+    responses={503: {"model": HealthOut, "description": "the engine died: restart the process"}},
+    summary="Liveness: the process answers and its engine is alive",
+)
+async def health(services: ServicesDep) -> JSONResponse:
+    if services.engine.alive:
+        return JSONResponse(HealthOut(status="ok").model_dump(exclude_none=True))
+    body = HealthOut(status="engine_dead", detail=_engine_check(services))
+    return JSONResponse(body.model_dump(), status_code=503)
 
 
 @router.get(

@@ -7,13 +7,24 @@ honour (`n > 1`, `logprobs`, `echo`, `best_of`, `suffix`, penalties, `logit_bias
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from server.api.schemas import (
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_CHARS,
+    MAX_SEED,
+    MAX_STOP_STRINGS,
+    StopString,
+)
 from server.errors import InvalidRequestError
 
-MAX_STOP = 16
+MAX_PROMPT_TOKENS = 1_000_000  # a prompt given as token ids
+MAX_MESSAGES = 4096
+MAX_CHOICES = 128  # `n` and `best_of`: only 1 is served, larger values are a 400 naming them
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # the vocabulary check comes later
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # OpenAI's range
 
 
 class StreamOptions(BaseModel):
@@ -23,26 +34,27 @@ class StreamOptions(BaseModel):
 class _OpenAIRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, description="a prefix id ('name', 'name@N') or the base model")
+    model: str = Field(min_length=1, max_length=256,
+                       description="a prefix id ('name', 'name@N') or the base model")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    stop: StopString | list[StopString] | None = None
+    seed: int | None = Field(default=None, ge=0, lt=MAX_SEED)
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
-    user: str | None = None
+    user: str | None = Field(default=None, max_length=256)
 
     @field_validator("stop")
     @classmethod
     def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOP or any(not s for s in stops):
-            raise ValueError(f"stop: at most {MAX_STOP} non-empty strings")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"stop: at most {MAX_STOP_STRINGS} strings")
         return value
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -72,11 +84,16 @@ class _OpenAIRequest(BaseModel):
 
 
 class CompletionRequest(_OpenAIRequest):
-    prompt: str | list[str] | list[int]
-    max_tokens: int | None = Field(default=16, ge=1)
+    prompt: (
+        Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+        | Annotated[list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]],
+                    Field(min_length=1, max_length=MAX_CHOICES)]
+        | Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_TOKENS)]
+    )
+    max_tokens: int | None = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
     echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
+    suffix: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
 
     def _more_unsupported(self) -> dict[str, bool]:
         prompts_list = isinstance(self.prompt, list) and self.prompt and isinstance(
@@ -100,7 +117,11 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: (
+        Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+        | Annotated[list[dict[str, Any]], Field(max_length=MAX_MESSAGES)]
+        | None
+    ) = None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -114,11 +135,11 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_OpenAIRequest):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS)
     tools: list[Any] | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def _more_unsupported(self) -> dict[str, bool]:
         return {"tools": bool(self.tools), "top_logprobs": bool(self.top_logprobs)}

@@ -5,11 +5,17 @@ Request bodies forbid unknown fields, so a misspelt option is a 422 rather than 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-MAX_STOP_STRINGS = 16
+from server.engine.checks import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+
+MAX_PROMPT_CHARS = 1_000_000
+MAX_NEW_TOKENS = 1_000_000  # the context refuses far less; this only bounds the integer
+MAX_TOP_K = 2**20  # more than any vocabulary; beyond the served one, top_k is off
+MAX_SEED = 2**63  # exclusive; what every client language can send as a signed 64-bit integer
+StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # tenant names
 PREFIX_REF_PATTERN = r"^[^@\s/]{1,128}(@[0-9]{1,9})?$"  # "name" or "name@version"
 
@@ -35,13 +41,13 @@ class GenerateRequest(_Body):
     prefix_id: str | None = Field(
         default=None, pattern=PREFIX_REF_PATTERN, description="'name' or 'name@N'; null = base"
     )
-    prompt: str = Field(min_length=1, max_length=1_000_000)
-    max_new_tokens: int = Field(default=64, ge=1, le=1_000_000)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    max_new_tokens: int = Field(default=64, ge=1, le=MAX_NEW_TOKENS)
     temperature: float = Field(default=0.0, ge=0.0, le=100.0, description="0 = greedy")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0, description="0 = off")
-    stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
-    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    top_k: int = Field(default=0, ge=0, le=MAX_TOP_K, description="0 = off")
+    stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
+    seed: int | None = Field(default=None, ge=0, lt=MAX_SEED)
     stream: bool = False
 
     @field_validator("stop", mode="before")
@@ -50,13 +56,6 @@ class GenerateRequest(_Body):
         if value is None:
             return []
         return [value] if isinstance(value, str) else value
-
-    @field_validator("stop")
-    @classmethod
-    def _non_empty_stops(cls, value: list[str]) -> list[str]:
-        if any(not s for s in value):
-            raise ValueError("stop strings must not be empty")
-        return value
 
 
 FinishReasonName = Literal["stop", "length", "cancelled", "error"]
@@ -163,7 +162,8 @@ class RevokedOut(BaseModel):
 
 # --- health -------------------------------------------------------------------------------------
 class HealthOut(BaseModel):
-    status: Literal["ok"]
+    status: Literal["ok", "engine_dead"]
+    detail: str | None = Field(default=None, description="why the process is not alive")
 
 
 ReadyStatus = Literal["ready", "not_ready", "shutting_down"]

@@ -1,25 +1,55 @@
 """What `Engine.submit` refuses before a request ever runs: bad sampling values, empty or
-out-of-vocabulary prompts, and work that cannot fit the slot / the model's context."""
+out-of-vocabulary prompts, and work that cannot fit the slot / the model's context.
+
+Every field is checked here again, whatever the HTTP schema already bounded: a value that passes
+`submit` must never fail the engine's step (where one request's error would reach everyone).
+"""
 
 from __future__ import annotations
+
+import math
 
 from transformers import PreTrainedTokenizerBase
 
 from server.engine.request import EngineRequest, SamplingParams
 from server.errors import ContextLengthError, InvalidRequestError
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64); negatives not offered
+MAX_STOP_STRINGS = 16  # stop strings per request
+MAX_STOP_STRING_CHARS = 256  # each: the detokenizer matches every one after every token
+MAX_STOP_TOKEN_IDS = 64
+
 
 def check_sampling(params: SamplingParams) -> None:
-    if params.max_new_tokens < 1:
-        raise InvalidRequestError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}")
-    if not params.temperature >= 0:  # also refuses NaN
-        raise InvalidRequestError(f"temperature must be >= 0, got {params.temperature}")
-    if not 0 < params.top_p <= 1:
-        raise InvalidRequestError(f"top_p must be in (0, 1], got {params.top_p}")
-    if params.top_k < 0:
-        raise InvalidRequestError(f"top_k must be >= 0 (0 = off), got {params.top_k}")
-    if any(not isinstance(s, str) or not s for s in params.stop):
-        raise InvalidRequestError("stop strings must be non-empty strings")
+    if not _is_int(params.max_new_tokens) or params.max_new_tokens < 1:
+        raise InvalidRequestError(f"max_new_tokens must be an integer >= 1, got "
+                                  f"{_short(params.max_new_tokens)}")
+    if not _is_number(params.temperature) or not 0 <= params.temperature < math.inf:
+        raise InvalidRequestError(f"temperature must be a finite number >= 0, got "
+                                  f"{_short(params.temperature)}")
+    if not _is_number(params.top_p) or not 0 < params.top_p <= 1:  # also refuses NaN
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {_short(params.top_p)}")
+    if not _is_int(params.top_k) or params.top_k < 0:  # beyond the vocabulary it is off
+        raise InvalidRequestError(f"top_k must be an integer >= 0 (0 = off), got "
+                                  f"{_short(params.top_k)}")
+    if params.seed is not None and (not _is_int(params.seed) or not 0 <= params.seed <= MAX_SEED):
+        raise InvalidRequestError(f"seed must be an integer in [0, 2**64), got "
+                                  f"{_short(params.seed)}")
+    _check_stops(params)
+
+
+def _check_stops(params: SamplingParams) -> None:
+    stops = params.stop
+    if len(stops) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings")
+    if any(not isinstance(s, str) or not 0 < len(s) <= MAX_STOP_STRING_CHARS for s in stops):
+        raise InvalidRequestError(
+            f"stop strings must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters"
+        )
+    if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(
+        _is_int(t) for t in params.stop_token_ids
+    ):
+        raise InvalidRequestError(f"at most {MAX_STOP_TOKEN_IDS} integer stop token ids")
 
 
 def prompt_ids(
@@ -34,14 +64,15 @@ def prompt_ids(
         ids = list(request.prompt)
     if not ids:
         raise InvalidRequestError("prompt is empty")
-    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+    bad = [t for t in ids if not _is_int(t) or not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequestError(
-            f"prompt token ids out of the vocabulary [0, {vocab_size}): {bad[:5]}"
+            f"prompt token ids out of the vocabulary [0, {vocab_size}): "
+            f"{_short([_short(t) for t in bad[:5]])}"
         )
     for t in request.sampling.stop_token_ids:
         if not 0 <= t < vocab_size:
-            raise InvalidRequestError(f"stop token id {t} is out of the vocabulary")
+            raise InvalidRequestError(f"stop token id {_short(t)} is out of the vocabulary")
     return ids
 
 
@@ -55,3 +86,17 @@ def check_context(request: EngineRequest, num_prompt: int, slot_len: int) -> Non
             f"({request.sampling.max_new_tokens}) = {need} tokens exceeds this server's "
             f"context of {slot_len} tokens"
         )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _short(value: object, limit: int = 40) -> str:
+    """A value for an error message, cut short (a huge integer must not be echoed whole)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

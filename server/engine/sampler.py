@@ -56,7 +56,8 @@ def _draw(
     temperature = torch.tensor([p.temperature for p in params], device=device)
     scaled = logits / temperature[:, None]
     order = None
-    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+    vocab = logits.shape[-1]
+    if any(_top_k(p, vocab) > 0 or p.top_p < 1.0 for p in params):
         scaled, order = scaled.sort(dim=-1, descending=True)  # [rows, vocab], best first
         probs = _filter_sorted(scaled, params)
     else:
@@ -74,11 +75,17 @@ def _draw(
     return tokens
 
 
+def _top_k(params: SamplingParams, vocab: int) -> int:
+    """The row's top-k, 0 when off: a top_k at or beyond the vocabulary keeps every token (and
+    never reaches a tensor, where a huge integer would overflow)."""
+    return params.top_k if 0 < params.top_k < vocab else 0
+
+
 def _filter_sorted(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Probabilities [rows, vocab] (descending order) with top-k and top-p applied per row."""
     rows, vocab = scaled.shape
     device = scaled.device
-    k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+    k = torch.tensor([_top_k(p, vocab) or vocab for p in params], device=device)
     ranks = torch.arange(vocab, device=device)
     probs = torch.softmax(scaled.masked_fill(ranks[None, :] >= k[:, None], float("-inf")), dim=-1)
     # Keep the smallest head whose mass reaches top_p: drop tokens whose preceding mass already

@@ -92,8 +92,16 @@ def test_max_retries_per_client_and_per_call(sleeps: list[float]) -> None:
     assert len(seen) == 1
     seen.clear()
     with pytest.raises(clients.ServiceUnavailableError):
-        client.with_options(max_retries=1).health()
+        client.with_options(max_retries=1).list_tenants()
     assert len(seen) == 2
+
+
+def test_a_dead_engine_is_a_health_answer_not_a_fault(sleeps: list[float]) -> None:
+    dead = {"status": "engine_dead", "detail": "dead: RuntimeError('device lost')"}
+    transport, seen = scripted(httpx.Response(503, json=dead))
+    health = client_for(transport).health()
+    assert not health.ok and health.status == "engine_dead" and "device lost" in health.detail
+    assert len(seen) == 1 and sleeps == []
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 409, 422, 500])
