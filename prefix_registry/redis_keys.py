@@ -3,6 +3,11 @@ the mapping of Redis failures to RegistryUnavailableError.
 
 Names and tenants match `NAME_RE` (no `:`), so every key below is unambiguous. See
 docs/registry.md for the layout as a table.
+
+Every key carries a Redis Cluster hash tag (the part in braces), so that everything one script or
+one write touches lives in one slot: `{registry}` for tenants and API keys (small, and written
+together), `{t:<tenant>}` for all of one tenant's prefixes (a tenant's data is one shard; tenants
+spread over the cluster). A new script must keep to one of the two.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from prefix_registry.artifact import PrefixMeta
 from prefix_registry.errors import RegistryUnavailableError
@@ -23,26 +28,37 @@ from prefix_registry.errors import RegistryUnavailableError
 class Keys:
     ns: str  # e.g. "prefix-serve:"
 
+    def __post_init__(self) -> None:
+        if "{" in self.ns or "}" in self.ns:
+            raise ValueError(f"a Redis namespace may not contain braces: {self.ns!r}")
+
+    @property
+    def registry(self) -> str:  # the stem of the tenant and API key records (one slot)
+        return f"{self.ns}{{registry}}:"
+
+    def tenant(self, tenant: str) -> str:  # the stem of one tenant's prefix data (one slot)
+        return f"{self.ns}{{t:{tenant}}}:"
+
     @property
     def tenants(self) -> str:  # HASH tenant -> {"created_at"}
-        return f"{self.ns}tenants"
+        return f"{self.registry}tenants"
 
     @property
     def key_hashes(self) -> str:  # HASH key_hash -> {"tenant", "key_id"}
-        return f"{self.ns}key-hashes"
+        return f"{self.registry}key-hashes"
 
     @property
     def channel(self) -> str:  # pub/sub: {"tenant", "name"} after every change
         return f"{self.ns}changes"
 
     def tenant_keys(self, tenant: str) -> str:  # HASH key_id -> {"key_hash", "created_at"}
-        return f"{self.ns}t:{tenant}:keys"
+        return f"{self.registry}t:{tenant}:keys"
 
     def names(self, tenant: str) -> str:  # ZSET of prefix names, score 0 (ordered by name)
-        return f"{self.ns}t:{tenant}:names"
+        return f"{self.tenant(tenant)}names"
 
     def tenant_prefixes(self, tenant: str) -> str:  # the stem of a tenant's prefix keys
-        return f"{self.ns}p:{tenant}:"
+        return f"{self.tenant(tenant)}p:"
 
     def prefix(self, tenant: str, name: str) -> str:  # the stem of one name's keys
         return f"{self.tenant_prefixes(tenant)}{name}:"
@@ -65,7 +81,7 @@ def unavailable() -> Iterator[None]:
     """Turn any Redis/network failure into RegistryUnavailableError."""
     try:
         yield
-    except (TimeoutError, RedisError, OSError) as e:
+    except (TimeoutError, RedisError, RedisClusterException, OSError) as e:
         raise RegistryUnavailableError(f"prefix registry (Redis) unavailable: {e}") from e
 
 
@@ -76,6 +92,11 @@ def encode_meta(meta: PrefixMeta) -> dict[Any, Any]:
     """The version's metadata hash: the full JSON plus a few fields readable with HGET."""
     return {META_FIELD: json.dumps(meta.to_dict()), "version": meta.version,
             "sha256": meta.sha256, "size_bytes": meta.size_bytes, "created_at": meta.created_at}
+
+
+def meta_fields(meta: PrefixMeta) -> list[Any]:
+    """`encode_meta` as a flat field, value, ... list (script arguments)."""
+    return [item for pair in encode_meta(meta).items() for item in pair]
 
 
 def decode_meta(raw: bytes | str) -> PrefixMeta:
@@ -104,19 +125,31 @@ end
 return redis.call("HGET", ARGV[1] .. v .. ":meta", "json")
 """
 
-# One page of a tenant's names with each one's newest metadata JSON, in one round trip.
-# KEYS: tenants hash, the tenant's names zset. ARGV: tenant, ZRANGEBYLEX start ("-" or
-# "(cursor"), count, key stem of the tenant's prefixes. Returns nil for an unknown tenant, else
-# [name1, json1, name2, json2, ...] ("" for a name deleted meanwhile).
+# Store one version: blob, metadata, the version and name indexes, and announce it, atomically.
+# KEYS: blob, meta hash, versions zset, names zset.
+# ARGV: blob, version, name, channel, message, then the meta hash's field, value, ...
+PUT_SCRIPT = """
+redis.call("SET", KEYS[1], ARGV[1])
+redis.call("HSET", KEYS[2], unpack(ARGV, 6))
+redis.call("ZADD", KEYS[3], ARGV[2], ARGV[2])
+redis.call("ZADD", KEYS[4], 0, ARGV[3])
+redis.call("PUBLISH", ARGV[4], ARGV[5])
+return 1
+"""
+
+# One page of a tenant's names with each one's newest metadata JSON, in one round trip (the
+# tenant's existence is checked apart: its record lives in another slot).
+# KEYS: the tenant's names zset. ARGV: ZRANGEBYLEX start ("-" or "(cursor"), count, key stem of
+# the tenant's prefixes. Returns [name1, json1, name2, json2, ...] ("" for a name deleted
+# meanwhile).
 LIST_SCRIPT = """
-if redis.call("HEXISTS", KEYS[1], ARGV[1]) == 0 then return false end
-local names = redis.call("ZRANGEBYLEX", KEYS[2], ARGV[2], "+", "LIMIT", 0, tonumber(ARGV[3]))
+local names = redis.call("ZRANGEBYLEX", KEYS[1], ARGV[1], "+", "LIMIT", 0, tonumber(ARGV[2]))
 local out = {}
 for _, name in ipairs(names) do
-  local top = redis.call("ZREVRANGE", ARGV[4] .. name .. ":versions", 0, 0)
+  local top = redis.call("ZREVRANGE", ARGV[3] .. name .. ":versions", 0, 0)
   local meta = false
   if #top > 0 then
-    meta = redis.call("HGET", ARGV[4] .. name .. ":" .. top[1] .. ":meta", "json")
+    meta = redis.call("HGET", ARGV[3] .. name .. ":" .. top[1] .. ":meta", "json")
   end
   out[#out + 1] = name
   out[#out + 1] = meta or ""
@@ -127,7 +160,8 @@ return out
 # Delete one version (ARGV[2] = "N") or all (ARGV[2] = ""), keep the names index consistent and
 # announce the change, atomically. KEYS: versions zset, names zset.
 # ARGV: key stem of this name, version or "", name, channel, message. Returns the count deleted.
-# (The per-version keys are derived from the stem: fine on a standalone Redis.)
+# (The per-version keys are derived from the stem; they share the tenant's hash tag, so the script
+# stays in one slot on a Redis Cluster too.)
 DELETE_SCRIPT = """
 local found
 if ARGV[2] == "" then

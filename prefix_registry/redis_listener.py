@@ -12,9 +12,9 @@ import contextlib
 import json
 import logging
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from prefix_registry.redis_connect import Client, refresh_topology
 from prefix_registry.store import Notifier
 
 log = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ BACKOFF_S = (0.1, 0.25, 0.5, 1.0)  # reconnect delays; the last repeats
 
 
 class Listener:
-    def __init__(self, client: aioredis.Redis, channel: str, notifier: Notifier) -> None:
+    def __init__(self, client: Client, channel: str, notifier: Notifier) -> None:
         self._client = client  # a dedicated client whose connections never retry on their own
         self._channel = channel
         self._notifier = notifier
@@ -67,6 +67,7 @@ class Listener:
             await asyncio.sleep(BACKOFF_S[min(streak, len(BACKOFF_S)) - 1])
 
     async def _listen(self, reset: bool) -> None:
+        await refresh_topology(self._client)
         pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self._channel)

@@ -2,9 +2,11 @@
 
 Every key lives under one namespace (layout in `redis_keys.py` and docs/registry.md). Versions
 come from a per-name counter (INCR) that is never reset, so a number is never reused; a version's
-blob, metadata, the version index and the tenant's name index are written in one MULTI/EXEC,
+blob, metadata, the version index and the tenant's name index are written by one Lua script,
 which also publishes the change. Redis errors and timeouts become RegistryUnavailableError;
-the client retries briefly and reconnects by itself on the next call.
+the client retries briefly and reconnects by itself on the next call. The URL picks one server,
+Sentinel or Cluster (`redis_connect.py`); with replicas, each write is acknowledged only once
+they confirmed it (WAIT), so a failover does not lose it.
 """
 
 from __future__ import annotations
@@ -12,24 +14,20 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from prefix_registry.artifact import PrefixArtifact, PrefixMeta
 from prefix_registry.errors import PrefixNotFoundError, TenantNotFoundError
+from prefix_registry.redis_connect import Command, RedisOptions, connect, parse_redis_url, write
 from prefix_registry.redis_keys import (
     DELETE_SCRIPT,
     LIST_SCRIPT,
     META_FIELD,
     META_SCRIPT,
+    PUT_SCRIPT,
     Keys,
     change_message,
     decode_meta,
-    encode_meta,
+    meta_fields,
     text,
     unavailable,
 )
@@ -52,32 +50,6 @@ LATEST_RETRIES = 3  # resolving "latest" again if that version is deleted betwee
 INLINE_PARSE_BYTES = 8 * 2**20  # parse smaller blobs on the event loop (~1 ms for 2.5 MiB)
 
 
-@dataclass(frozen=True)
-class RedisOptions:
-    """Connection behaviour: short timeouts so a dead Redis fails fast instead of hanging."""
-
-    socket_timeout_s: float = 2.0  # a whole reply; large prefixes over slow links need more
-    connect_timeout_s: float = 1.0
-    retries: int = 1  # per command on a dropped connection, before RegistryUnavailableError
-    health_check_interval_s: int = 10  # PING an idle pooled connection before reusing it
-    max_connections: int | None = None
-
-
-def _client(url: str, options: RedisOptions, *, retries: int | None = None) -> aioredis.Redis:
-    n = options.retries if retries is None else retries
-    backoff = ExponentialBackoff(cap=0.5, base=0.05) if n else NoBackoff()
-    return aioredis.Redis.from_url(
-        url,
-        socket_timeout=options.socket_timeout_s,
-        socket_connect_timeout=options.connect_timeout_s,
-        health_check_interval=options.health_check_interval_s,
-        max_connections=options.max_connections,
-        # retry a dropped connection (e.g. a stale pooled one after a Redis restart), not a
-        # timeout: a hung Redis would otherwise cost (retries + 1)^2 socket timeouts per call
-        retry=Retry(backoff, n, supported_errors=(RedisConnectionError,)),
-    )
-
-
 class RedisStore(RedisTenants):
     """PrefixStore on Redis; one instance per process (it owns a connection pool).
 
@@ -95,14 +67,13 @@ class RedisStore(RedisTenants):
         self.limits = limits or Limits()
         self.keys = Keys(namespace)
         self._options = options or RedisOptions()
-        self._url = url
-        self._redis = _client(url, self._options)
+        self._target = parse_redis_url(url)
+        self._replicas = self._target.write_replicas(self._options)
+        self._redis = connect(self._target, self._options)
         self._notifier = Notifier()
         self._listener: Listener | None = None
-        self._delete = self._redis.register_script(DELETE_SCRIPT)
         self._meta_script = self._redis.register_script(META_SCRIPT)
         self._list_script = self._redis.register_script(LIST_SCRIPT)
-        self._register_tenant_scripts()
 
     # ---- prefixes -------------------------------------------------------------------------
 
@@ -141,16 +112,24 @@ class RedisStore(RedisTenants):
         now = time.time()
         stored = [a.stored_as(int(v), now) for a, v in zip(artifacts, versions, strict=True)]
         blobs = await asyncio.to_thread(lambda: [s.to_bytes() for s in stored])
-        async with self._redis.pipeline(transaction=True) as pipe:
-            for meta, blob in zip((s.meta for s in stored), blobs, strict=True):
-                tenant, name, version = meta.tenant, meta.name, meta.version
-                pipe.set(k.blob(tenant, name, version), blob)
-                pipe.hset(k.meta(tenant, name, version), mapping=encode_meta(meta))
-                pipe.zadd(k.versions(tenant, name), {str(version): version})
-                pipe.zadd(k.names(tenant), {name: 0})
-                pipe.publish(k.channel, change_message(tenant, name))
-            await pipe.execute()
+        by_tenant: dict[str, list[Command]] = {}
+        for meta, blob in zip((s.meta for s in stored), blobs, strict=True):
+            by_tenant.setdefault(meta.tenant, []).append(self._put_command(meta, blob))
+        for tenant, commands in by_tenant.items():  # a tenant's keys share one slot
+            await self._write(k.names(tenant), commands)
         return [s.meta for s in stored]
+
+    def _put_command(self, meta: PrefixMeta, blob: bytes) -> Command:
+        k, (tenant, name, version) = self.keys, (meta.tenant, meta.name, meta.version)
+        keys = [k.blob(tenant, name, version), k.meta(tenant, name, version),
+                k.versions(tenant, name), k.names(tenant)]
+        args = [blob, version, name, k.channel, change_message(tenant, name), *meta_fields(meta)]
+        return ("EVAL", PUT_SCRIPT, len(keys), *keys, *args)
+
+    async def _write(self, slot_key: str, commands: Sequence[Command]) -> list[object]:
+        """Run writes on `slot_key`'s slot; acknowledged once the replicas confirmed them."""
+        return await write(self._redis, slot_key, commands, replicas=self._replicas,
+                           timeout_s=self._options.write_timeout_s)
 
     async def get(self, tenant: str, ref: str) -> PrefixArtifact:
         blob = await self._read_blob(tenant, ref)
@@ -206,12 +185,12 @@ class RedisStore(RedisTenants):
         limit = clamp_limit(limit)
         start = "-" if cursor is None else "(" + validate_name(cursor, "cursor")
         with unavailable():
+            if not await self._redis.hexists(self.keys.tenants, tenant):
+                raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
             found = await self._list_script(
-                keys=[self.keys.tenants, self.keys.names(tenant)],
-                args=[tenant, start, limit + 1, self.keys.tenant_prefixes(tenant)],
+                keys=[self.keys.names(tenant)],
+                args=[start, limit + 1, self.keys.tenant_prefixes(tenant)],
             )
-        if found is None:
-            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
         names = [text(n) for n in found[0::2]]
         items = [decode_meta(raw) for raw in found[1:limit * 2:2] if raw]  # "" = just deleted
         next_cursor = names[limit - 1] if len(names) > limit else None
@@ -235,12 +214,12 @@ class RedisStore(RedisTenants):
         validate_name(tenant, "tenant name")
         validate_name(name)
         k = self.keys
+        keys = [k.versions(tenant, name), k.names(tenant)]
+        args = [k.prefix(tenant, name), "" if version is None else str(version), name,
+                k.channel, change_message(tenant, name)]
         with unavailable():
-            count = int(await self._delete(
-                keys=[k.versions(tenant, name), k.names(tenant)],
-                args=[k.prefix(tenant, name), "" if version is None else str(version), name,
-                      k.channel, change_message(tenant, name)],
-            ))
+            [found] = await self._write(keys[1], [("EVAL", DELETE_SCRIPT, 2, *keys, *args)])
+            count = int(found)  # type: ignore[call-overload]
         if count == 0:
             what = name if version is None else f"{name}@{version}"
             raise PrefixNotFoundError(f"prefix {what!r} not found")
@@ -254,7 +233,7 @@ class RedisStore(RedisTenants):
     ) -> Subscription:
         subscription = self._notifier.add(callback, on_reset)
         if self._listener is None:
-            client = _client(self._url, self._options, retries=0)
+            client = connect(self._target, self._options, retries=0)
             self._listener = Listener(client, self.keys.channel, self._notifier)
         await self._listener.start()
         return subscription

@@ -9,32 +9,34 @@ from __future__ import annotations
 
 import json
 import time
-
-import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
+from collections.abc import Sequence
 
 from prefix_registry.errors import ApiKeyNotFoundError, ConflictError, TenantNotFoundError
+from prefix_registry.redis_connect import Client, Command
 from prefix_registry.redis_keys import ADD_KEY_SCRIPT, REVOKE_KEY_SCRIPT, Keys, text, unavailable
 from prefix_registry.store import ApiKeyInfo, KeyList, TenantInfo, TenantList
 from prefix_registry.validation import validate_key_hash, validate_name
 
 
 class RedisTenants:
-    keys: Keys
-    _redis: aioredis.Redis
-    _add_key: AsyncScript
-    _revoke_key: AsyncScript
+    """Every key here lives in the `{registry}` slot (see redis_keys.py)."""
 
-    def _register_tenant_scripts(self) -> None:
-        self._add_key = self._redis.register_script(ADD_KEY_SCRIPT)
-        self._revoke_key = self._redis.register_script(REVOKE_KEY_SCRIPT)
+    keys: Keys
+    _redis: Client
+
+    async def _write(self, slot_key: str, commands: Sequence[Command]) -> list[object]:
+        raise NotImplementedError  # RedisStore's
+
+    async def _registry_write(self, command: Command) -> int:
+        [result] = await self._write(self.keys.tenants, [command])
+        return int(result)  # type: ignore[call-overload]
 
     async def create_tenant(self, name: str) -> TenantInfo:
         validate_name(name, "tenant name")
         created_at = time.time()
         with unavailable():
             record = json.dumps({"created_at": created_at})
-            if not await self._redis.hsetnx(self.keys.tenants, name, record):
+            if not await self._registry_write(("HSETNX", self.keys.tenants, name, record)):
                 raise ConflictError(f"tenant {name!r} already exists")
         return TenantInfo(name=name, created_at=created_at)
 
@@ -57,10 +59,9 @@ class RedisTenants:
         key_record = json.dumps({"key_hash": key_hash, "created_at": created_at})
         hash_record = json.dumps({"tenant": tenant, "key_id": key_id})
         with unavailable():
-            code = int(await self._add_key(
-                keys=[k.tenants, k.tenant_keys(tenant), k.key_hashes],
-                args=[tenant, key_id, key_hash, key_record, hash_record],
-            ))
+            keys = [k.tenants, k.tenant_keys(tenant), k.key_hashes]
+            args = [tenant, key_id, key_hash, key_record, hash_record]
+            code = await self._registry_write(("EVAL", ADD_KEY_SCRIPT, 3, *keys, *args))
         if code == -1:
             raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
         if code in (-2, -3):
@@ -82,7 +83,7 @@ class RedisTenants:
     async def revoke_key(self, tenant: str, key_id: str) -> None:
         with unavailable():
             keys = [self.keys.tenant_keys(tenant), self.keys.key_hashes]
-            revoked = int(await self._revoke_key(keys=keys, args=[key_id]))
+            revoked = await self._registry_write(("EVAL", REVOKE_KEY_SCRIPT, 2, *keys, key_id))
         if not revoked:
             raise ApiKeyNotFoundError(f"tenant {tenant!r} has no key {key_id!r}")
 

@@ -90,11 +90,12 @@ async def test_keys_follow_the_documented_layout(
     await redis_store.put(make_artifact())
     client = redis.Redis.from_url(redis_url)
     keys = {k.decode().removeprefix(namespace) for k in client.scan_iter(match=f"{namespace}*")}
-    assert keys == {
-        "tenants", "key-hashes", "t:acme:keys", "t:acme:names", "p:acme:style:seq",
-        "p:acme:style:versions", "p:acme:style:1:meta", "p:acme:style:1:blob",
+    assert keys == {  # hash tags: tenants and keys in one slot, each tenant's prefixes in one
+        "{registry}:tenants", "{registry}:key-hashes", "{registry}:t:acme:keys",
+        "{t:acme}:names", "{t:acme}:p:style:seq", "{t:acme}:p:style:versions",
+        "{t:acme}:p:style:1:meta", "{t:acme}:p:style:1:blob",
     }
-    blob = client.get(f"{namespace}p:acme:style:1:blob")
+    blob = client.get(f"{namespace}{{t:acme}}:p:style:1:blob")
     assert isinstance(blob, bytes)
     # the stored bytes are a plain safetensors file, readable by safetensors itself
     assert {name for name, _ in safetensors.deserialize(blob)} == {"keys", "values"}
