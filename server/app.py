@@ -112,6 +112,9 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_seq_len=settings.max_seq_len,
         prefix_cache_bytes=settings.prefix_cache_bytes,
         prefill_chunk_tokens=settings.prefill_chunk_tokens,
+        fairness=settings.fairness,
+        fair_prompt_weight=settings.fair_prompt_weight,
+        fair_output_weight=settings.fair_output_weight,
     )
 
 

@@ -60,6 +60,17 @@ class Settings(BaseSettings):
         default=None, ge=2, description="prefix+prompt+output per request (default: model's)"
     )
     prefill_chunk_tokens: int = Field(default=512, ge=1, description="prompt tokens per step")
+    # --- fairness between tenants (docs/tenants.md)
+    fairness: Literal["vtc", "fifo"] = Field(
+        default="vtc", description="who is admitted next when the engine is full: vtc "
+        "(the least-served tenant, in weighted tokens) or fifo (arrival order)",
+    )
+    fair_prompt_weight: float = Field(
+        default=1.0, ge=0, le=1e6, description="vtc: service counted per prompt token"
+    )
+    fair_output_weight: float = Field(
+        default=2.0, ge=0, le=1e6, description="vtc: service counted per generated token"
+    )
     # --- auth and lifecycle
     admin_key: SecretStr | None = Field(default=None, description="the operator key")
     auth_disabled: bool = Field(

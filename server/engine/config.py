@@ -20,6 +20,9 @@ class EngineConfig:
     prefix_cache_bytes: int = 256 * MiB  # device bytes for cached prefix K/V (LRU)
     prefill_chunk_tokens: int = 256  # prompt tokens prefilled per step, across requests
     record_logits: bool = False  # keep each request's first-step logits (tests)
+    fairness: str = "vtc"  # waiting-queue policy: "vtc" (token-fair between tenants) or "fifo"
+    fair_prompt_weight: float = 1.0  # service charged per prompt token (fairness.PROMPT_WEIGHT)
+    fair_output_weight: float = 2.0  # service charged per generated token (fairness.OUTPUT_WEIGHT)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "prefill_chunk_tokens"):

@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from server.app import engine_config
+from server.engine.fairness import FifoQueue, VirtualTokenCounter, make_wait_queue
 from server.settings import Settings, parse_settings
 
 
@@ -48,7 +50,8 @@ def test_an_operator_key_or_auth_disabled_is_required() -> None:
 
 @pytest.mark.parametrize("field,value", [
     ("max_batch_size", 0), ("max_queue", 0), ("port", 70000), ("dtype", "int8"),
-    ("max_upload_mb", 0), ("shutdown_grace_s", -1),
+    ("max_upload_mb", 0), ("shutdown_grace_s", -1), ("fairness", "lottery"),
+    ("fair_output_weight", -1), ("fair_prompt_weight", float("inf")),
 ])
 def test_bad_values_are_refused(field: str, value: Any) -> None:
     with pytest.raises(ValidationError, match=field):
@@ -64,3 +67,17 @@ def test_unknown_flag_exits(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_settings(["--model", "m", "--auth-disabled", "--no-such-flag", "1"])
     assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_fairness_flags_reach_the_engine_config() -> None:
+    default = engine_config(Settings(model="m", auth_disabled=True))
+    assert (default.fairness, default.fair_prompt_weight, default.fair_output_weight) == (
+        "vtc", 1.0, 2.0)
+    assert isinstance(make_wait_queue(default.fairness), VirtualTokenCounter)
+    s = parse_settings(["--model", "m", "--auth-disabled", "--fairness", "fifo",
+                        "--fair-prompt-weight", "0.5", "--fair-output-weight", "3"])
+    config = engine_config(s)
+    assert (config.fairness, config.fair_prompt_weight, config.fair_output_weight) == (
+        "fifo", 0.5, 3.0)
+    queue = make_wait_queue(config.fairness, config.fair_prompt_weight, config.fair_output_weight)
+    assert isinstance(queue, FifoQueue)
