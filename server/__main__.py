@@ -1,4 +1,8 @@
-"""`prefix-serve` / `python -m server`: load the model, then serve the app with uvicorn.
+"""`prefix-serve` / `python -m server`: check the settings, load the model, serve with uvicorn.
+
+Before anything heavy is imported, the flags are parsed (so `--help` answers at once) and the
+port, the registry and the model's source are checked (`server/startup.py`). Any startup error is
+one line on stderr naming the flag and its variable, with exit status 2.
 
 SIGTERM / Ctrl-C: uvicorn stops accepting connections and the app stops admitting requests
 (503 `shutting_down`) at once; running requests get `--shutdown-grace-s` to finish, after which
@@ -14,18 +18,18 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import NoReturn
 
 import uvicorn
 from pydantic import ValidationError
-from pydantic_settings import SettingsError
 
-from server.app import create_app, engine_config
-from server.engine.engine import Engine
-from server.models.loader import ModelLoadError, load_model
+from server.cli_args import PROG, describe_error
 from server.settings import Settings, parse_settings
+from server.startup import Preflight, StartupError, preflight
 
 log = logging.getLogger("prefix_serve.server")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+EXIT_STARTUP = 2  # like argparse's usage errors: the command as given cannot run
 
 
 class GracefulServer(uvicorn.Server):
@@ -44,12 +48,33 @@ class GracefulServer(uvicorn.Server):
 def main(argv: Sequence[str] | None = None) -> None:
     settings = _settings_or_exit(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
-    log.info("loading %s (dtype=%s, device=%s)", settings.model, settings.dtype, settings.device)
     try:
-        loaded = load_model(settings.model, dtype=settings.dtype, device=settings.device)
+        checked = preflight(settings)
+    except StartupError as exc:
+        _exit(exc.line())
+    _serve(settings, checked)
+
+
+def _serve(settings: Settings, checked: Preflight) -> None:
+    # Imported only now: torch and transformers take seconds to import.
+    import torch
+
+    from server.app import create_app, engine_config
+    from server.engine.engine import Engine
+    from server.models.loader import ModelLoadError, load_model
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    log.info("loading %s (dtype=%s, device=%s, torch threads=%d)", settings.model,
+             settings.dtype, settings.device, torch.get_num_threads())
+    try:
+        loaded = load_model(settings.model, dtype=settings.dtype, device=settings.device,
+                            local_files_only=checked.source.local_files_only)
         engine = Engine(loaded, engine_config(settings))
-    except (ModelLoadError, ValueError) as exc:  # ValueError: engine sizing (KV budget, length)
-        sys.exit(f"prefix-serve: error: {exc}")
+    except ModelLoadError as exc:
+        _exit(StartupError("model", str(exc)).line())
+    except ValueError as exc:  # engine sizing (KV budget, lengths): the message names the flags
+        _exit(StartupError(None, str(exc)).line())
     app = create_app(settings, loaded=loaded, engine=engine)
 
     def begin_shutdown() -> None:
@@ -62,14 +87,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         log_level=settings.log_level,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + 5,
     )
-    GracefulServer(config, begin_shutdown).run()
+    log.info("listening on http://%s:%d once started", settings.host, settings.port)
+    GracefulServer(config, begin_shutdown).run(sockets=[checked.sock])
 
 
 def _settings_or_exit(argv: Sequence[str]) -> Settings:
     try:
         return parse_settings(argv)
-    except (ValidationError, SettingsError) as exc:
-        sys.exit(f"prefix-serve: error: {exc}")
+    except ValidationError as exc:
+        _exit(describe_error(exc))
+
+
+def _exit(message: str) -> NoReturn:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_STARTUP)
 
 
 if __name__ == "__main__":

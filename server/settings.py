@@ -2,7 +2,8 @@
 
 Every field is a command-line flag (`--max-batch-size 8`) and an environment variable
 (`PREFIX_SERVE_MAX_BATCH_SIZE=8`); a flag wins over the variable, which wins over the default.
-Tests build `Settings(...)` directly with keyword arguments.
+Tests build `Settings(...)` directly with keyword arguments. The command line itself is parsed by
+`server/cli_args.py` (flags, help text, one-line errors).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+ENV_PREFIX = "PREFIX_SERVE_"
 DEFAULT_DATA_DIR = Path("~/.local/share/prefix-serve")
 
 
@@ -22,29 +24,37 @@ class Settings(BaseSettings):
     """Everything `prefix-serve` can be told, validated once at startup."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PREFIX_SERVE_",
-        cli_prog_name="prefix-serve",
-        cli_kebab_case=True,
-        cli_implicit_flags=True,
+        env_prefix=ENV_PREFIX,
         extra="forbid",
     )
 
     # --- the model
-    model: str = Field(description="Hugging Face model id or local model directory")
+    model: str = Field(
+        description="Hugging Face model id or local model directory",
+        json_schema_extra={"metavar": "ID_OR_DIR"},
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="weights dtype (auto: the checkpoint's; float32 on CPU)"
     )
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    threads: int = Field(
+        default=0, ge=0, description="CPU threads for torch; on a shared CPU 1-2 is often "
+        "fastest", json_schema_extra={"shown_default": "0: torch's default"},
+    )
     served_model_name: str | None = Field(
-        default=None, description="the base model's name in the OpenAI API (default: --model)"
+        default=None, description="the base model's name in the OpenAI API",
+        json_schema_extra={"metavar": "NAME", "shown_default": "the --model value"},
     )
     # --- the HTTP server
     host: str = Field(default="127.0.0.1", description="address to listen on")
     port: int = Field(default=8000, ge=0, le=65535, description="port to listen on")
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="log level"
+    )
     # --- the registry
     redis_url: str | None = Field(
-        default=None, description="Redis URL of the shared registry; unset = embedded store"
+        default=None, description="Redis URL of the shared registry",
+        json_schema_extra={"metavar": "URL", "shown_default": "unset: the embedded store"},
     )
     data_dir: Path = Field(default=DEFAULT_DATA_DIR, description="embedded store's directory")
     namespace: str = Field(
@@ -57,7 +67,9 @@ class Settings(BaseSettings):
     kv_cache_mb: float = Field(default=512.0, gt=0, description="KV pool budget (MiB)")
     prefix_cache_mb: float = Field(default=256.0, gt=0, description="prefix K/V cache (MiB)")
     max_seq_len: int | None = Field(
-        default=None, ge=2, description="prefix+prompt+output per request (default: model's)"
+        default=None, ge=2, description="prefix+prompt+output per request",
+        json_schema_extra={"metavar": "TOKENS",
+                           "shown_default": "the model's context, at most 4096"},
     )
     prefill_chunk_tokens: int = Field(default=512, ge=1, description="prompt tokens per step")
     # --- fairness between tenants (docs/tenants.md)
@@ -72,7 +84,11 @@ class Settings(BaseSettings):
         default=2.0, ge=0, le=1e6, description="vtc: service counted per generated token"
     )
     # --- auth and lifecycle
-    admin_key: SecretStr | None = Field(default=None, description="the operator key")
+    admin_key: SecretStr | None = Field(
+        default=None, description="the operator key (prefer the variable: `ps` shows flags)",
+        json_schema_extra={"metavar": "KEY", "shown_default": "unset: required unless "
+                           "--auth-disabled"},
+    )
     auth_disabled: bool = Field(
         default=False, description="development only: no keys; everyone is 'default' + operator"
     )
@@ -115,8 +131,13 @@ class Settings(BaseSettings):
 
 
 def parse_settings(argv: Sequence[str]) -> Settings:
-    """Settings from command-line flags, falling back to PREFIX_SERVE_* variables."""
-    return Settings(_cli_parse_args=list(argv))  # type: ignore[call-arg]
+    """Settings from command-line flags, falling back to PREFIX_SERVE_* variables.
+
+    Raises pydantic's ValidationError on bad values; argparse exits (status 2) on unknown flags.
+    """
+    from server.cli_args import flag_values
+
+    return Settings(**flag_values(argv))
 
 
 def _redact_url(url: str) -> str:

@@ -31,6 +31,7 @@ from transformers import (
 
 from prefix_registry.fingerprint import ModelFingerprint
 from server.models.families import Family, UnsupportedModelError, family_for, model_dims
+from server.models.source import looks_like_path
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -64,6 +65,7 @@ def load_model(
     dtype: str = "auto",
     device: str = "auto",
     attn_implementation: str | None = None,
+    local_files_only: bool = False,
 ) -> LoadedModel:
     """Load `model` (a Hugging Face id or a local directory) frozen onto one device.
 
@@ -72,21 +74,24 @@ def load_model(
         device: "auto", "cpu", "cuda" or "cuda:N".
         attn_implementation: a transformers attention implementation; None picks "eager" on CPU
             and "sdpa" on CUDA.
+        local_files_only: never reach the hub (a directory, or a hub id already cached; see
+            `server.models.source.check_model_source`).
     Raises:
         ModelLoadError: with a message a person can act on.
     """
     torch_device = resolve_device(device)
-    config = _load_config(model)
+    hub = {"local_files_only": local_files_only, "trust_remote_code": False}
+    config = _load_config(model, hub)
     try:
         family = family_for(config)
     except UnsupportedModelError as exc:
         raise ModelLoadError(f"cannot serve {model!r}: {exc}") from exc
     torch_dtype = resolve_dtype(dtype, config, torch_device)
     attn = attn_implementation or ("eager" if torch_device.type == "cpu" else "sdpa")
-    hf_model = _load_weights(model, torch_dtype, torch_device, attn)
+    hf_model = _load_weights(model, torch_dtype, torch_device, attn, hub)
     return LoadedModel(
         model=hf_model,
-        tokenizer=_load_tokenizer(model),
+        tokenizer=_load_tokenizer(model, hub),
         family=family,
         fingerprint=model_fingerprint(hf_model, family),
         name=model,
@@ -136,11 +141,11 @@ def _config_dtype(config: PretrainedConfig) -> torch.dtype | None:
     return saved if saved in DTYPES.values() else None
 
 
-def _load_config(model: str) -> PretrainedConfig:
-    if _looks_like_path(model) and not Path(model).is_dir():
+def _load_config(model: str, hub: dict[str, Any]) -> PretrainedConfig:
+    if looks_like_path(model) and not Path(model).is_dir():
         raise ModelLoadError(f"model directory {model!r} does not exist")
     try:
-        config: PretrainedConfig = AutoConfig.from_pretrained(model, trust_remote_code=False)
+        config: PretrainedConfig = AutoConfig.from_pretrained(model, **hub)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"cannot load model {model!r}: not a local model directory nor a reachable "
@@ -149,17 +154,12 @@ def _load_config(model: str) -> PretrainedConfig:
     return config
 
 
-def _looks_like_path(model: str) -> bool:
-    # A hub id is "name" or "owner/name"; anything else, or anything that exists, is a path.
-    return Path(model).exists() or model.startswith((".", "/", "~")) or model.count("/") > 1
-
-
 def _load_weights(
-    model: str, dtype: torch.dtype, device: torch.device, attn: str
+    model: str, dtype: torch.dtype, device: torch.device, attn: str, hub: dict[str, Any]
 ) -> PreTrainedModel:
     try:
         hf_model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-            model, dtype=dtype, attn_implementation=attn, trust_remote_code=False
+            model, dtype=dtype, attn_implementation=attn, **hub
         )
     except (OSError, ValueError, ImportError) as exc:
         raise ModelLoadError(f"cannot load the weights of {model!r}: {exc}") from exc
@@ -169,9 +169,9 @@ def _load_weights(
     return hf_model
 
 
-def _load_tokenizer(model: str) -> PreTrainedTokenizerBase:
+def _load_tokenizer(model: str, hub: dict[str, Any]) -> PreTrainedTokenizerBase:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(model, **hub)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load the tokenizer of {model!r}: {exc}") from exc
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

@@ -50,7 +50,7 @@ def test_sigterm_lets_a_running_stream_finish(tiny_model_dir: Callable[..., Path
     process = subprocess.Popen(
         [sys.executable, "-m", "server", "--model", str(tiny_model_dir("llama")),
          "--auth-disabled", "--port", str(port), "--data-dir", str(tmp_path / "data"),
-         "--kv-cache-mb", "1", "--max-batch-size", "2", "--dtype", "float32"],
+         "--kv-cache-mb", "1", "--max-batch-size", "2", "--dtype", "float32", "--threads", "1"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
@@ -82,7 +82,7 @@ def test_sigterm_lets_a_running_stream_finish(tiny_model_dir: Callable[..., Path
     assert events[-1][0] == "done", logs
     assert events[-1][1]["finish_reason"] == "length"
     assert events[-1][1]["usage"]["completion_tokens"] == 240
-    for needle in ("AUTHENTICATION IS DISABLED", "family=llama", "fingerprint=",
+    for needle in ("AUTHENTICATION IS DISABLED", "family=llama", "fingerprint=", "torch threads=1",
                    "registry: local directory", "shutting down"):
         assert needle in logs, needle
 
