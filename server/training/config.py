@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # only annotations: `prefix-train --help` must not wait for torch
+    import torch
 
 INITS = ("words", "random")
 REPARAMS = ("none", "mlp")

@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from clients import PrefixClient
 from prefix_registry.artifact import PrefixArtifact
-from server.training.cli import main
+from server.training.cli import build_parser, main
 from server.training.data import EncodeOptions, eval_batches, prepare
 from server.training.objective import mean_loss
 from tests.training.live_server import ADMIN_KEY, live_server
 from tests.training.tasks import YES, prompts, records
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
@@ -96,3 +102,32 @@ def test_cli_reports_bad_data_and_missing_models(tiny_model_dir, tmp_path, capsy
     assert main(_args(tmp_path / "nowhere", bad, tmp_path / "o.safetensors")) == 1
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_help_needs_no_torch_and_documents_every_option():
+    code = ("import sys\nfrom server.training.cli import build_parser\n"
+            "text = build_parser().format_help()\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\nprint(text)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, cwd=REPO, env=os.environ | {"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "(default: True)" not in result.stdout and "(default: False)" not in result.stdout
+    assert "(default: None)" not in result.stdout
+    for action in build_parser()._actions:
+        assert action.help, f"{action.option_strings} has no help"
+
+
+def test_upload_to_a_dead_server_names_the_url_and_keeps_the_artifact(
+        tiny_model_dir, tmp_path, capsys):
+    with socket.socket() as sock:  # bound, not listening: connections are refused
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        train = _jsonl(tmp_path / "train.jsonl", records(YES, prompts(8, seed=1)))
+        out = tmp_path / "yes.safetensors"
+        args = _args(tiny_model_dir("llama"), train, out, "--max-steps", "2", "--name", "yes",
+                     "--upload", url, "--api-key", "psk-x")
+        assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"could not upload to {url}" in err
+    assert f"The artifact was kept at {out}" in err and out.is_file()
+    assert f"prefixctl --base-url {url} --api-key KEY upload yes {out}" in err
