@@ -15,7 +15,7 @@ Reported, as output tokens/s and ratios:
   (c) the engine with no prefixes at all;
   (d) TTFT p50/p99 (engine-side) and inter-delta latency p50/p99 (caller-side) of run (a).
 
-    python bench/engine_bench.py [--requests 64] [--new-tokens 64] [--dtype bfloat16] [--quick]
+    python -m bench.engine_bench [--requests 64] [--new-tokens 64] [--dtype bfloat16] [--quick]
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 from peft import PrefixTuningConfig, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig
 
+from bench.common import RESULTS, pct, synthetic_tokenizer
 from server.engine import (
     Engine,
     EngineConfig,
@@ -45,9 +45,6 @@ from server.engine import (
 )
 from server.engine.kv_pool import KVPool, PoolShape
 from server.models.loader import LoadedModel, load_model
-
-RESULTS = Path(__file__).parent / "results"
-EOS = "<|endoftext|>"
 
 
 def build_model(directory: Path) -> Path:
@@ -64,28 +61,6 @@ def build_model(directory: Path) -> Path:
     model.save_pretrained(directory)
     synthetic_tokenizer(config.vocab_size).save_pretrained(directory)
     return directory
-
-
-def synthetic_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
-    """Byte-level BPE over printable ASCII whose merges are random pairs: every id decodes to
-    whole characters, so each generated token is one text delta (inter-delta = inter-token)."""
-    rng = random.Random(0)
-    ascii_symbols = [c for c in pre_tokenizers.ByteLevel.alphabet() if " " < c <= "~" or c == "Ġ"]
-    vocab = {c: i for i, c in enumerate(sorted(ascii_symbols))}
-    short, merges = list(vocab), []
-    while len(vocab) < vocab_size - 1:
-        a, b = rng.choice(short), rng.choice(short)
-        if a + b not in vocab:
-            vocab[a + b] = len(vocab)
-            merges.append((a, b))
-            if len(a + b) <= 3:
-                short.append(a + b)
-    vocab[EOS] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([EOS])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS)
 
 
 @dataclass(frozen=True)
@@ -222,11 +197,6 @@ def peft_run(peft_model, rows: list[Row], new_tokens: int) -> dict:
     total = len(rows) * new_tokens
     return {"tokens": total, "wall_s": wall, "tok_s": total / wall, "requests": len(rows),
             "decode_tok_s": len(rows) * (new_tokens - 1) / decode_s, "outputs": outputs}
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q / 100))] if ordered else float("nan")
 
 
 def main() -> None:
