@@ -250,6 +250,7 @@ def summarize(spec: Spec, data: dict[str, Any], results_dir: Path) -> None:
                       f"{engine['kv_stats']}); the workload needs {_size(kv['prefixes_bytes'])}"
                       f" of prefixes + {_size(kv['requests_bytes'])} of requests' own tokens"),
         ("peak device memory", _size(engine["peak_allocated_bytes"])),
+        ("engine host share", _host_share(engine["stats"])),
         ("greedy agreement", f"{agree['identical_rows']}/{agree['rows']} rows identical, "
                              f"{agree['mean_agreeing_prefix']:.0%} of tokens before a first "
                              "difference"),
@@ -257,6 +258,14 @@ def summarize(spec: Spec, data: dict[str, Any], results_dir: Path) -> None:
     ]
     report("gpu_check-tiny" if spec is TINY else "gpu_check", "GPU check", lines, data,
            results_dir)
+
+
+def _host_share(stats: dict[str, float]) -> str:
+    """Share of the engine's busy time outside the model's forward, over the whole run."""
+    busy, forward = stats.get("busy_s"), stats.get("forward_s")
+    if not busy or forward is None:
+        return "not reported"
+    return f"{1 - forward / busy:.1%} of busy steps outside the forward (prefill included)"
 
 
 def _size(nbytes: int) -> str:
