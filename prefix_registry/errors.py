@@ -9,7 +9,9 @@ RegistryError
 ├── InvalidPrefixError            bad input; the message names the problem
 │   ├── FingerprintMismatchError  made for another base model
 │   └── UnsafeFileError           pickle / torch checkpoint / unsafe archive member
+├── InvalidQuotaError             a quota value out of its range
 ├── PrefixTooLargeError           over a size limit
+├── QuotaExceededError            the tenant's storage quota would be exceeded
 ├── ConflictError                 already exists
 └── RegistryUnavailableError      the backend (Redis) is down or timing out
 ```
@@ -52,6 +54,14 @@ class FingerprintMismatchError(InvalidPrefixError):
 
 class UnsafeFileError(InvalidPrefixError):
     """A file that could run code when loaded (pickle, torch checkpoint), or an unsafe archive."""
+
+
+class InvalidQuotaError(RegistryError):
+    """A quota field that does not exist or a value outside its range."""
+
+
+class QuotaExceededError(RegistryError):
+    """Storing this would take the tenant past its prefix count or stored bytes quota."""
 
 
 class PrefixTooLargeError(RegistryError):

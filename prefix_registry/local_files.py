@@ -2,6 +2,8 @@
 
 ```
 <root>/tenants/<tenant>/tenant.json                     {"created_at": ...}
+<root>/tenants/<tenant>/quota.json                      the quota fields the operator set
+<root>/tenants/<tenant>/tenant.lock                     flock'ed by quota updates, limited puts
 <root>/tenants/<tenant>/keys/<key_id>.json              {"key_hash", "created_at"}
 <root>/tenants/<tenant>/prefixes/<name>/seq             last version allocated (never reset)
 <root>/tenants/<tenant>/prefixes/<name>/seq.lock        flock'ed while allocating a version
@@ -19,10 +21,13 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from prefix_registry.artifact import META_KEY, PrefixMeta, read_header
+from prefix_registry.quotas import TenantUsage
 
 VERSION_FILE = re.compile(r"^([1-9][0-9]*)\.safetensors$")
 
@@ -128,6 +133,30 @@ class LocalFiles:
             except FileNotFoundError:  # another process deleted it first
                 pass
         return deleted
+
+    def usage(self, tenant: str) -> TenantUsage:
+        """Names with a stored version, and their versions' tensor bytes (reads headers only)."""
+        prefixes = stored = 0
+        for name in self.names(tenant):
+            metas = [self.read_meta(tenant, name, v) for v in self.version_numbers(tenant, name)]
+            sizes = [m.size_bytes for m in metas if m is not None]
+            prefixes += bool(sizes)
+            stored += sum(sizes)
+        return TenantUsage(prefixes=prefixes, stored_bytes=stored)
+
+    @contextmanager
+    def tenant_lock(self, tenant: str) -> Iterator[None]:
+        """Held by every process while it updates the tenant's quota or makes a limited put."""
+        with open(self._tenant(tenant) / "tenant.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            yield
+
+    def read_quota(self, tenant: str) -> dict[str, Any]:
+        record = _read_json(self._tenant(tenant) / "quota.json")
+        return record if isinstance(record, dict) else {}
+
+    def write_quota(self, tenant: str, quota: dict[str, Any]) -> None:
+        write_atomic(self._tenant(tenant) / "quota.json", json.dumps(quota).encode())
 
     # ---- tenants and keys -----------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -23,6 +23,13 @@ from prefix_registry.errors import (
     TenantNotFoundError,
 )
 from prefix_registry.local_files import LocalFiles
+from prefix_registry.quotas import (
+    QuotaValue,
+    StorageLimits,
+    TenantQuota,
+    TenantUsage,
+    check_quota_changes,
+)
 from prefix_registry.store import (
     DEFAULT_PAGE_SIZE,
     ApiKeyInfo,
@@ -67,17 +74,36 @@ class LocalStore:
 
     # ---- prefixes -------------------------------------------------------------------------
 
-    async def put(self, artifact: PrefixArtifact) -> PrefixMeta:
+    async def put(
+        self, artifact: PrefixArtifact, *, limits: StorageLimits | None = None
+    ) -> PrefixMeta:
         await asyncio.to_thread(artifact.validate, self.limits)
         tenant, name = artifact.meta.tenant, artifact.meta.name
         if not await self.tenant_exists(tenant):
             raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
-        version = await self._io(self._files.allocate_version, tenant, name)
-        stored = artifact.stored_as(version, time.time())
-        blob = await asyncio.to_thread(stored.to_bytes)
-        await self._io(self._files.write_version, tenant, name, version, blob)
+        if limits is None or limits.unlimited:
+            stored = await self._io(self._write, artifact)
+        else:
+            stored = await self._io(self._write_within, artifact, limits)
         await self._notifier.changed(tenant, name)
         return stored.meta
+
+    def _write(self, artifact: PrefixArtifact) -> PrefixArtifact:
+        """Allocate the next version and write it (blocking)."""
+        tenant, name = artifact.meta.tenant, artifact.meta.name
+        version = self._files.allocate_version(tenant, name)
+        stored = artifact.stored_as(version, time.time())
+        self._files.write_version(tenant, name, version, stored.to_bytes())
+        return stored
+
+    def _write_within(self, artifact: PrefixArtifact, limits: StorageLimits) -> PrefixArtifact:
+        """`_write` under the tenant's lock, if the tenant stays within `limits` (blocking)."""
+        tenant, name = artifact.meta.tenant, artifact.meta.name
+        with self._files.tenant_lock(tenant):
+            new_name = not self._files.version_numbers(tenant, name)
+            usage = self._files.usage(tenant)
+            limits.check(tenant, usage, new_name=new_name, size=artifact.meta.size_bytes)
+            return self._write(artifact)
 
     async def get(self, tenant: str, ref: str) -> PrefixArtifact:
         blob = await self._resolve(tenant, ref, self._files.read_blob)
@@ -210,6 +236,34 @@ class LocalStore:
         if not KEY_HASH_RE.match(key_hash):  # it is a file name here
             return None
         return await self._io(self._files.tenant_for_key_hash, key_hash)
+
+    # ---- quotas ---------------------------------------------------------------------------
+
+    async def get_quota(self, tenant: str) -> TenantQuota:
+        await self._known(tenant)
+        return TenantQuota.from_dict(await self._io(self._files.read_quota, tenant))
+
+    async def update_quota(
+        self, tenant: str, changes: Mapping[str, QuotaValue | None]
+    ) -> TenantQuota:
+        checked = check_quota_changes(changes)
+        await self._known(tenant)
+        return await self._io(self._update_quota, tenant, checked)
+
+    def _update_quota(self, tenant: str, changes: Mapping[str, QuotaValue | None]
+                      ) -> TenantQuota:
+        with self._files.tenant_lock(tenant):
+            quota = TenantQuota.from_dict(self._files.read_quota(tenant)).updated(changes)
+            self._files.write_quota(tenant, quota.to_dict())
+        return quota
+
+    async def usage(self, tenant: str) -> TenantUsage:
+        await self._known(tenant)
+        return await self._io(self._files.usage, tenant)
+
+    async def _known(self, tenant: str) -> None:
+        if not await self.tenant_exists(tenant):
+            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
 
     # ---- lifecycle ------------------------------------------------------------------------
 

@@ -54,6 +54,12 @@ class Keys:
     def tenant_keys(self, tenant: str) -> str:  # HASH key_id -> {"key_hash", "created_at"}
         return f"{self.registry}t:{tenant}:keys"
 
+    def quota(self, tenant: str) -> str:  # HASH quota field -> JSON number (the set ones)
+        return f"{self.registry}t:{tenant}:quota"
+
+    def stored_bytes(self, tenant: str) -> str:  # STRING size_bytes of all stored versions
+        return f"{self.tenant(tenant)}stored-bytes"
+
     def names(self, tenant: str) -> str:  # ZSET of prefix names, score 0 (ordered by name)
         return f"{self.tenant(tenant)}names"
 
@@ -125,16 +131,67 @@ end
 return redis.call("HGET", ARGV[1] .. v .. ":meta", "json")
 """
 
-# Store one version: blob, metadata, the version and name indexes, and announce it, atomically.
-# KEYS: blob, meta hash, versions zset, names zset.
-# ARGV: blob, version, name, channel, message, then the meta hash's field, value, ...
-PUT_SCRIPT = """
+# A tenant's stored bytes: its counter, computed from every version's `size_bytes` (and kept)
+# when the counter is missing, as for data written before it existed. Prepended to the scripts
+# that use it; every key it reads shares the tenant's hash tag.
+_STORED_BYTES = """
+local function stored_bytes(counter, names, stem)
+  local used = redis.call("GET", counter)
+  if used then return tonumber(used) end
+  used = 0
+  for _, name in ipairs(redis.call("ZRANGE", names, 0, -1)) do
+    for _, v in ipairs(redis.call("ZRANGE", stem .. name .. ":versions", 0, -1)) do
+      local size = redis.call("HGET", stem .. name .. ":" .. v .. ":meta", "size_bytes")
+      used = used + (tonumber(size) or 0)
+    end
+  end
+  redis.call("SET", counter, string.format("%d", used))
+  return used
+end
+"""
+
+# Store one version within the tenant's storage limits: blob, metadata, the version and name
+# indexes, the stored-bytes counter, and announce it, atomically.
+# KEYS: blob, meta hash, versions zset, names zset, stored-bytes counter.
+# ARGV: blob, version, name, channel, message, size_bytes, max prefixes or "", max stored bytes
+# or "", key stem of the tenant's prefixes, then the meta hash's field, value, ...
+# Returns {1, 0} stored, {-1, prefix count} or {-2, stored bytes} over a limit.
+PUT_SCRIPT = _STORED_BYTES + """
+local size = tonumber(ARGV[6])
+local used = stored_bytes(KEYS[5], KEYS[4], ARGV[9])
+if ARGV[7] ~= "" and not redis.call("ZSCORE", KEYS[4], ARGV[3]) then
+  local count = redis.call("ZCARD", KEYS[4])
+  if count >= tonumber(ARGV[7]) then return {-1, count} end
+end
+if ARGV[8] ~= "" and used + size > tonumber(ARGV[8]) then return {-2, used} end
 redis.call("SET", KEYS[1], ARGV[1])
-redis.call("HSET", KEYS[2], unpack(ARGV, 6))
+redis.call("HSET", KEYS[2], unpack(ARGV, 10))
 redis.call("ZADD", KEYS[3], ARGV[2], ARGV[2])
 redis.call("ZADD", KEYS[4], 0, ARGV[3])
+redis.call("INCRBY", KEYS[5], size)
 redis.call("PUBLISH", ARGV[4], ARGV[5])
-return 1
+return {1, 0}
+"""
+
+# KEYS: stored-bytes counter, names zset. ARGV: key stem of the tenant's prefixes.
+# Returns {prefix count, stored bytes}.
+USAGE_SCRIPT = _STORED_BYTES + """
+return {redis.call("ZCARD", KEYS[2]), stored_bytes(KEYS[1], KEYS[2], ARGV[1])}
+"""
+
+# Set or clear quota fields of an existing tenant. KEYS: tenants hash, the tenant's quota hash.
+# ARGV: tenant, then field, JSON value ("" = clear), ... Returns the quota hash's field, value, ...
+# list, or nil for an unknown tenant.
+UPDATE_QUOTA_SCRIPT = """
+if redis.call("HEXISTS", KEYS[1], ARGV[1]) == 0 then return false end
+for i = 2, #ARGV, 2 do
+  if ARGV[i + 1] == "" then
+    redis.call("HDEL", KEYS[2], ARGV[i])
+  else
+    redis.call("HSET", KEYS[2], ARGV[i], ARGV[i + 1])
+  end
+end
+return redis.call("HGETALL", KEYS[2])
 """
 
 # One page of a tenant's names with each one's newest metadata JSON, in one round trip (the
@@ -157,8 +214,9 @@ end
 return out
 """
 
-# Delete one version (ARGV[2] = "N") or all (ARGV[2] = ""), keep the names index consistent and
-# announce the change, atomically. KEYS: versions zset, names zset.
+# Delete one version (ARGV[2] = "N") or all (ARGV[2] = ""), keep the names index and the
+# stored-bytes counter (when there is one) consistent and announce the change, atomically.
+# KEYS: versions zset, names zset, stored-bytes counter.
 # ARGV: key stem of this name, version or "", name, channel, message. Returns the count deleted.
 # (The per-version keys are derived from the stem; they share the tenant's hash tag, so the script
 # stays in one slot on a Redis Cluster too.)
@@ -171,7 +229,12 @@ elseif redis.call("ZSCORE", KEYS[1], ARGV[2]) then
 else
   found = {}
 end
+local counted = redis.call("EXISTS", KEYS[3]) == 1
 for _, v in ipairs(found) do
+  if counted then
+    local size = redis.call("HGET", ARGV[1] .. v .. ":meta", "size_bytes")
+    redis.call("DECRBY", KEYS[3], tonumber(size) or 0)
+  end
   redis.call("DEL", ARGV[1] .. v .. ":meta", ARGV[1] .. v .. ":blob")
   redis.call("ZREM", KEYS[1], v)
 end

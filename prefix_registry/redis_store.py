@@ -16,7 +16,8 @@ import time
 from collections.abc import Sequence
 
 from prefix_registry.artifact import PrefixArtifact, PrefixMeta
-from prefix_registry.errors import PrefixNotFoundError, TenantNotFoundError
+from prefix_registry.errors import PrefixNotFoundError, QuotaExceededError, TenantNotFoundError
+from prefix_registry.quotas import StorageLimits, prefix_count_exceeded, stored_bytes_exceeded
 from prefix_registry.redis_connect import Command, RedisOptions, connect, parse_redis_url, write
 from prefix_registry.redis_keys import (
     DELETE_SCRIPT,
@@ -77,21 +78,31 @@ class RedisStore(RedisTenants):
 
     # ---- prefixes -------------------------------------------------------------------------
 
-    async def put(self, artifact: PrefixArtifact) -> PrefixMeta:
-        return (await self.put_many([artifact]))[0]
+    async def put(
+        self, artifact: PrefixArtifact, *, limits: StorageLimits | None = None
+    ) -> PrefixMeta:
+        return (await self.put_many([artifact], limits=limits))[0]
 
-    async def put_many(self, artifacts: Sequence[PrefixArtifact], *, chunk: int = 500
-                       ) -> MetaList:
-        """`put` for many artifacts, pipelined in chunks (bulk imports, benchmarks); each chunk
-        is one MULTI/EXEC."""
+    async def put_many(
+        self, artifacts: Sequence[PrefixArtifact], *, chunk: int = 500,
+        limits: StorageLimits | None = None,
+    ) -> MetaList:
+        """`put` for many artifacts, pipelined in chunks (bulk imports, benchmarks); each one is
+        atomic. `limits` apply to each artifact's tenant; the first refusal is raised after the
+        others were stored."""
         await asyncio.to_thread(self._validate_all, artifacts)
         stored_metas: MetaList = []
+        refusals: list[QuotaExceededError] = []
         with unavailable():
             await self._check_tenants({a.meta.tenant for a in artifacts})
             for i in range(0, len(artifacts), chunk):
-                stored_metas += await self._write_chunk(artifacts[i : i + chunk])
+                stored_metas += await self._write_chunk(
+                    artifacts[i : i + chunk], limits or StorageLimits(), refusals
+                )
         for meta in stored_metas:
             await self._notifier.changed(meta.tenant, meta.name)
+        if refusals:
+            raise refusals[0]
         return stored_metas
 
     def _validate_all(self, artifacts: Sequence[PrefixArtifact]) -> None:
@@ -103,7 +114,11 @@ class RedisStore(RedisTenants):
             if not await self._redis.hexists(self.keys.tenants, tenant):
                 raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
 
-    async def _write_chunk(self, artifacts: Sequence[PrefixArtifact]) -> MetaList:
+    async def _write_chunk(
+        self, artifacts: Sequence[PrefixArtifact], limits: StorageLimits,
+        refusals: list[QuotaExceededError],
+    ) -> MetaList:
+        """Store a chunk; returns the metas stored and appends what the limits refused."""
         k = self.keys
         async with self._redis.pipeline(transaction=False) as pipe:
             for a in artifacts:  # allocate versions: INCR never hands out a number twice
@@ -112,18 +127,28 @@ class RedisStore(RedisTenants):
         now = time.time()
         stored = [a.stored_as(int(v), now) for a, v in zip(artifacts, versions, strict=True)]
         blobs = await asyncio.to_thread(lambda: [s.to_bytes() for s in stored])
-        by_tenant: dict[str, list[Command]] = {}
+        by_tenant: dict[str, list[tuple[PrefixMeta, bytes]]] = {}
         for meta, blob in zip((s.meta for s in stored), blobs, strict=True):
-            by_tenant.setdefault(meta.tenant, []).append(self._put_command(meta, blob))
-        for tenant, commands in by_tenant.items():  # a tenant's keys share one slot
-            await self._write(k.names(tenant), commands)
-        return [s.meta for s in stored]
+            by_tenant.setdefault(meta.tenant, []).append((meta, blob))
+        written: set[tuple[str, str, int]] = set()
+        for tenant, items in by_tenant.items():  # a tenant's keys share one slot
+            commands = [self._put_command(meta, blob, limits) for meta, blob in items]
+            for (meta, _), result in zip(items, await self._write(k.names(tenant), commands),
+                                         strict=True):
+                code, value = (int(x) for x in result)  # type: ignore[attr-defined]
+                if code == 1:
+                    written.add((meta.tenant, meta.name, meta.version))
+                else:
+                    refusals.append(_refusal(meta, code, value, limits))
+        return [s.meta for s in stored if (s.meta.tenant, s.meta.name, s.meta.version) in written]
 
-    def _put_command(self, meta: PrefixMeta, blob: bytes) -> Command:
+    def _put_command(self, meta: PrefixMeta, blob: bytes, limits: StorageLimits) -> Command:
         k, (tenant, name, version) = self.keys, (meta.tenant, meta.name, meta.version)
         keys = [k.blob(tenant, name, version), k.meta(tenant, name, version),
-                k.versions(tenant, name), k.names(tenant)]
-        args = [blob, version, name, k.channel, change_message(tenant, name), *meta_fields(meta)]
+                k.versions(tenant, name), k.names(tenant), k.stored_bytes(tenant)]
+        args = [blob, version, name, k.channel, change_message(tenant, name), meta.size_bytes,
+                _limit(limits.max_prefixes), _limit(limits.max_stored_bytes),
+                k.tenant_prefixes(tenant), *meta_fields(meta)]
         return ("EVAL", PUT_SCRIPT, len(keys), *keys, *args)
 
     async def _write(self, slot_key: str, commands: Sequence[Command]) -> list[object]:
@@ -214,11 +239,11 @@ class RedisStore(RedisTenants):
         validate_name(tenant, "tenant name")
         validate_name(name)
         k = self.keys
-        keys = [k.versions(tenant, name), k.names(tenant)]
+        keys = [k.versions(tenant, name), k.names(tenant), k.stored_bytes(tenant)]
         args = [k.prefix(tenant, name), "" if version is None else str(version), name,
                 k.channel, change_message(tenant, name)]
         with unavailable():
-            [found] = await self._write(keys[1], [("EVAL", DELETE_SCRIPT, 2, *keys, *args)])
+            [found] = await self._write(keys[1], [("EVAL", DELETE_SCRIPT, 3, *keys, *args)])
             count = int(found)  # type: ignore[call-overload]
         if count == 0:
             what = name if version is None else f"{name}@{version}"
@@ -264,3 +289,16 @@ class RedisStore(RedisTenants):
             await self._listener.close()
             self._listener = None
         await self._redis.aclose()
+
+
+def _limit(value: int | None) -> int | str:
+    return "" if value is None else value
+
+
+def _refusal(meta: PrefixMeta, code: int, value: int, limits: StorageLimits
+             ) -> QuotaExceededError:
+    if code == -1:
+        assert limits.max_prefixes is not None  # the script checks only a set limit
+        return prefix_count_exceeded(meta.tenant, value, limits.max_prefixes)
+    assert limits.max_stored_bytes is not None
+    return stored_bytes_exceeded(meta.tenant, value, meta.size_bytes, limits.max_stored_bytes)

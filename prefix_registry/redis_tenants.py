@@ -9,17 +9,27 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from prefix_registry.errors import ApiKeyNotFoundError, ConflictError, TenantNotFoundError
+from prefix_registry.quotas import QuotaValue, TenantQuota, TenantUsage, check_quota_changes
 from prefix_registry.redis_connect import Client, Command
-from prefix_registry.redis_keys import ADD_KEY_SCRIPT, REVOKE_KEY_SCRIPT, Keys, text, unavailable
+from prefix_registry.redis_keys import (
+    ADD_KEY_SCRIPT,
+    REVOKE_KEY_SCRIPT,
+    UPDATE_QUOTA_SCRIPT,
+    USAGE_SCRIPT,
+    Keys,
+    text,
+    unavailable,
+)
 from prefix_registry.store import ApiKeyInfo, KeyList, TenantInfo, TenantList
 from prefix_registry.validation import validate_key_hash, validate_name
 
 
 class RedisTenants:
-    """Every key here lives in the `{registry}` slot (see redis_keys.py)."""
+    """Tenant records, API keys and quotas live in the `{registry}` slot (see redis_keys.py);
+    a tenant's usage is read from its own slot."""
 
     keys: Keys
     _redis: Client
@@ -91,3 +101,40 @@ class RedisTenants:
         with unavailable():
             raw = await self._redis.hget(self.keys.key_hashes, key_hash)
         return None if raw is None else str(json.loads(raw)["tenant"])
+
+    async def get_quota(self, tenant: str) -> TenantQuota:
+        with unavailable():
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hexists(self.keys.tenants, tenant)
+                pipe.hgetall(self.keys.quota(tenant))
+                known, raw = await pipe.execute()
+        if not known:
+            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+        return TenantQuota.from_dict({text(k): json.loads(v) for k, v in raw.items()})
+
+    async def update_quota(
+        self, tenant: str, changes: Mapping[str, QuotaValue | None]
+    ) -> TenantQuota:
+        checked = check_quota_changes(changes)
+        args: list[str] = [tenant]
+        for field, value in checked.items():
+            args += [field, "" if value is None else json.dumps(value)]
+        keys = [self.keys.tenants, self.keys.quota(tenant)]
+        with unavailable():
+            [found] = await self._write(keys[0], [("EVAL", UPDATE_QUOTA_SCRIPT, 2, *keys, *args)])
+        if found is None:
+            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+        flat = [text(item) for item in found]  # type: ignore[attr-defined]
+        return TenantQuota.from_dict(dict(zip(flat[0::2], map(json.loads, flat[1::2]),
+                                              strict=True)))
+
+    async def usage(self, tenant: str) -> TenantUsage:
+        k = self.keys
+        with unavailable():
+            if not await self._redis.hexists(k.tenants, tenant):
+                raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+            keys = [k.stored_bytes(tenant), k.names(tenant)]
+            command = ("EVAL", USAGE_SCRIPT, 2, *keys, k.tenant_prefixes(tenant))
+            [found] = await self._write(keys[1], [command])
+        prefixes, stored = (int(x) for x in found)  # type: ignore[attr-defined]
+        return TenantUsage(prefixes=prefixes, stored_bytes=stored)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import inspect
 import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from prefix_registry.artifact import PrefixArtifact, PrefixMeta
+from prefix_registry.quotas import QuotaValue, StorageLimits, TenantQuota, TenantUsage
 from prefix_registry.validation import Limits
 
 log = logging.getLogger(__name__)
@@ -107,11 +108,15 @@ class PrefixStore(Protocol):
 
     limits: Limits
 
-    async def put(self, artifact: PrefixArtifact) -> PrefixMeta:
+    async def put(
+        self, artifact: PrefixArtifact, *, limits: StorageLimits | None = None
+    ) -> PrefixMeta:
         """Validate and store `artifact` as a new version of (meta.tenant, meta.name).
 
         Returns the stored metadata (version and created_at assigned). Raises
-        TenantNotFoundError, InvalidPrefixError, PrefixTooLargeError.
+        TenantNotFoundError, InvalidPrefixError, PrefixTooLargeError, and QuotaExceededError
+        when the tenant would go past `limits` (checked atomically with the write, so
+        concurrent uploads cannot overshoot).
         """
         ...
 
@@ -167,6 +172,21 @@ class PrefixStore(Protocol):
 
     async def tenant_for_key_hash(self, key_hash: str) -> str | None:
         """The tenant owning the key with this hash (O(1)), or None."""
+        ...
+
+    async def get_quota(self, tenant: str) -> TenantQuota:
+        """The quota fields the operator set for `tenant`; TenantNotFoundError."""
+        ...
+
+    async def update_quota(
+        self, tenant: str, changes: Mapping[str, QuotaValue | None]
+    ) -> TenantQuota:
+        """Set (value) or clear (None) quota fields atomically; returns the new quota.
+        TenantNotFoundError, InvalidQuotaError."""
+        ...
+
+    async def usage(self, tenant: str) -> TenantUsage:
+        """What `tenant` stores: prefix names and bytes; TenantNotFoundError."""
         ...
 
     async def ping(self) -> None:

@@ -41,6 +41,12 @@ class PermissionDeniedError(RequestError):
     type = "permission_denied"
 
 
+class QuotaExceededError(PermissionDeniedError):
+    """The tenant's storage quota (prefix count, stored bytes) does not allow this."""
+
+    type = "quota_exceeded"
+
+
 class NotFoundError(RequestError):
     status_code = 404
     type = "not_found"
@@ -72,6 +78,18 @@ class OverloadedError(RequestError):
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RateLimitedError(OverloadedError):
+    """This tenant used its tokens per minute; other tenants are not affected."""
+
+    type = "rate_limited"
+
+
+class TenantQueueFullError(OverloadedError):
+    """This tenant has its most requests waiting; other tenants are not affected."""
+
+    type = "tenant_queue_full"
 
 
 class UnavailableError(ServeError):

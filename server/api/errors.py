@@ -29,6 +29,8 @@ _REGISTRY_TO_SERVER: dict[type, type[srv.ServeError]] = {
     reg.FingerprintMismatchError: srv.IncompatiblePrefixError,
     reg.InvalidPrefixError: srv.ValidationError,
     reg.PrefixTooLargeError: srv.PayloadTooLargeError,
+    reg.QuotaExceededError: srv.QuotaExceededError,
+    reg.InvalidQuotaError: srv.ValidationError,
     reg.ConflictError: srv.ConflictError,
     reg.RegistryUnavailableError: srv.RegistryUnavailableError,
 }

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from prefix_registry.artifact import PrefixMeta
-from prefix_registry.errors import RegistryUnavailableError
+from prefix_registry.errors import QuotaExceededError, RegistryUnavailableError
+from prefix_registry.quotas import StorageLimits, TenantQuota
 from prefix_registry.redis_connect import parse_redis_url
 from prefix_registry.redis_store import RedisStore
 from tests.redis_procs import (
@@ -161,7 +162,7 @@ async def test_cluster_failover_loses_no_acknowledged_write(
 async def test_cluster_store_passes_the_basics(
     cluster: Topology, make_artifact: MakeArtifact
 ) -> None:
-    """Listing, versions, deletes and API keys work across slots of a cluster."""
+    """Listing, versions, deletes, API keys and quotas work across slots of a cluster."""
     store = RedisStore(cluster.cluster_url, namespace="basics:")
     try:
         for tenant in TENANTS:
@@ -178,6 +179,11 @@ async def test_cluster_store_passes_the_basics(
         assert (await store.get("initech", "b")).meta.version == 1
         await store.revoke_key("acme", "k1")
         assert await store.tenant_for_key_hash("c" * 64) is None
+        await store.update_quota("acme", {"weight": 2, "max_prefixes": 2})
+        assert await store.get_quota("acme") == TenantQuota(weight=2.0, max_prefixes=2)
+        assert (await store.usage("initech")).prefixes == 2
+        with pytest.raises(QuotaExceededError):
+            await store.put(make_artifact("c", "acme"), limits=StorageLimits(max_prefixes=2))
         assert await store.clear_namespace() > 0
     finally:
         await store.close()

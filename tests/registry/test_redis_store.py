@@ -77,8 +77,8 @@ async def test_put_many_and_clear_namespace(
     other = RedisStore(redis_url, namespace=namespace + "x:")
     assert await other.clear_namespace() == 0  # another namespace: none of our keys match
     await other.close()
-    # tenants + names index, seq + versions per name, meta + blob per version
-    assert await redis_store.clear_namespace() == 2 + 40 * 2 + 120 * 2
+    # tenants + names index + stored bytes, seq + versions per name, meta + blob per version
+    assert await redis_store.clear_namespace() == 3 + 40 * 2 + 120 * 2
     assert not await redis_store.tenant_exists("acme")
 
 
@@ -88,12 +88,14 @@ async def test_keys_follow_the_documented_layout(
     await redis_store.create_tenant("acme")
     await redis_store.add_key("acme", "k1", "a" * 64, 1.0)
     await redis_store.put(make_artifact())
+    await redis_store.update_quota("acme", {"weight": 2})
     client = redis.Redis.from_url(redis_url)
     keys = {k.decode().removeprefix(namespace) for k in client.scan_iter(match=f"{namespace}*")}
     assert keys == {  # hash tags: tenants and keys in one slot, each tenant's prefixes in one
         "{registry}:tenants", "{registry}:key-hashes", "{registry}:t:acme:keys",
+        "{registry}:t:acme:quota",
         "{t:acme}:names", "{t:acme}:p:style:seq", "{t:acme}:p:style:versions",
-        "{t:acme}:p:style:1:meta", "{t:acme}:p:style:1:blob",
+        "{t:acme}:p:style:1:meta", "{t:acme}:p:style:1:blob", "{t:acme}:stored-bytes",
     }
     blob = client.get(f"{namespace}{{t:acme}}:p:style:1:blob")
     assert isinstance(blob, bytes)
@@ -184,3 +186,29 @@ async def test_listener_and_client_reconnect_after_a_redis_restart(
     await _until(lambda: ("acme", "style") in heard, timeout=1.0)
     await a.close()
     await b.close()
+
+
+async def test_stored_bytes_are_recounted_when_the_counter_is_missing(
+    redis_store: RedisStore, redis_url: str, make_artifact: MakeArtifact
+) -> None:
+    """Data written before the counter existed (or a lost counter) is counted from the versions'
+    metadata, once, by the next put or usage read."""
+    await redis_store.create_tenant("acme")
+    metas = [await redis_store.put(make_artifact(name=n, seed=i, prefix_len=i + 1))
+             for i, n in enumerate(["a", "a", "b"])]
+    total = sum(m.size_bytes for m in metas)
+    counter = redis_store.keys.stored_bytes("acme")
+    plain = redis.Redis.from_url(redis_url)
+    try:
+        assert int(plain.get(counter)) == total
+        plain.delete(counter)
+        assert (await redis_store.usage("acme")).stored_bytes == total
+        assert int(plain.get(counter)) == total
+        plain.delete(counter)
+        await redis_store.delete("acme", "b")  # without a counter, delete leaves it missing
+        assert plain.get(counter) is None
+        extra = await redis_store.put(make_artifact(name="c"))  # recounts, then adds
+        assert int(plain.get(counter)) == metas[0].size_bytes + metas[1].size_bytes + \
+            extra.size_bytes
+    finally:
+        plain.close()

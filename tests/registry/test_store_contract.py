@@ -13,9 +13,12 @@ from prefix_registry.errors import (
     ApiKeyNotFoundError,
     ConflictError,
     InvalidPrefixError,
+    InvalidQuotaError,
     PrefixNotFoundError,
+    QuotaExceededError,
     TenantNotFoundError,
 )
+from prefix_registry.quotas import StorageLimits, TenantQuota, TenantUsage
 from prefix_registry.store import PrefixStore
 from tests.registry.conftest import MakeArtifact
 
@@ -233,3 +236,91 @@ async def _until(condition: Callable[[], bool], timeout: float = 2.0) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not reached in time"
         await asyncio.sleep(0.01)
+
+
+# --- quotas -------------------------------------------------------------------------------------
+
+
+async def test_quota_fields_are_set_and_cleared(store: PrefixStore) -> None:
+    await _tenant(store)
+    assert await store.get_quota("acme") == TenantQuota()
+    set_ = await store.update_quota("acme", {"weight": 2, "max_running": 3,
+                                             "tokens_per_minute": 10_000})
+    assert set_ == TenantQuota(weight=2.0, max_running=3, tokens_per_minute=10_000)
+    assert isinstance(set_.weight, float) and isinstance(set_.max_running, int)
+    assert await store.get_quota("acme") == set_
+    cleared = await store.update_quota("acme", {"weight": None, "max_stored_bytes": 4096})
+    assert cleared == TenantQuota(max_running=3, tokens_per_minute=10_000, max_stored_bytes=4096)
+    assert await store.get_quota("acme") == cleared
+    await _tenant(store, "beta")
+    assert await store.get_quota("beta") == TenantQuota()  # each tenant its own
+    for call in (store.get_quota("ghost"), store.update_quota("ghost", {"weight": 1})):
+        with pytest.raises(TenantNotFoundError):
+            await call
+
+
+@pytest.mark.parametrize("changes", [
+    {"weight": 0}, {"weight": float("nan")}, {"max_running": 1.5}, {"max_queued": 0},
+    {"max_running": True}, {"tokens_per_minute": "100"}, {"max_prefixes": -1},
+    {"max_stored_bytes": 2**60}, {"colour": 1}, {"weight": 2, "max_running": 0},
+])
+async def test_invalid_quota_values_change_nothing(store: PrefixStore,
+                                                   changes: dict[str, object]) -> None:
+    await _tenant(store)
+    await store.update_quota("acme", {"max_running": 7})
+    with pytest.raises(InvalidQuotaError):
+        await store.update_quota("acme", changes)  # type: ignore[arg-type]
+    assert await store.get_quota("acme") == TenantQuota(max_running=7)
+
+
+async def test_usage_counts_prefix_names_and_stored_bytes(
+    store: PrefixStore, make_artifact: MakeArtifact
+) -> None:
+    await _tenant(store)
+    assert await store.usage("acme") == TenantUsage(prefixes=0, stored_bytes=0)
+    metas = [await store.put(make_artifact(name=n, seed=s, prefix_len=p))
+             for n, s, p in [("a", 1, 3), ("a", 2, 5), ("b", 3, 2)]]
+    assert await store.usage("acme") == TenantUsage(2, sum(m.size_bytes for m in metas))
+    await store.delete("acme", "a", version=1)
+    assert await store.usage("acme") == TenantUsage(2, metas[1].size_bytes + metas[2].size_bytes)
+    await store.delete("acme", "a")
+    assert await store.usage("acme") == TenantUsage(1, metas[2].size_bytes)
+    with pytest.raises(TenantNotFoundError):
+        await store.usage("ghost")
+
+
+async def test_put_stays_within_storage_limits(store: PrefixStore,
+                                               make_artifact: MakeArtifact) -> None:
+    await _tenant(store)
+    size = make_artifact().meta.size_bytes
+    two_names = StorageLimits(max_prefixes=2)
+    await store.put(make_artifact(name="a"), limits=two_names)
+    await store.put(make_artifact(name="b"), limits=two_names)
+    with pytest.raises(QuotaExceededError, match="at most 2 prefixes"):
+        await store.put(make_artifact(name="c"), limits=two_names)
+    assert not await store.exists("acme", "c")
+    await store.put(make_artifact(name="a", seed=5), limits=two_names)  # a new version: fine
+    bytes_limit = StorageLimits(max_stored_bytes=4 * size)
+    with pytest.raises(QuotaExceededError, match=f"stores {3 * size} and this version needs"):
+        await store.put(make_artifact(name="a", seed=6, prefix_len=6), limits=bytes_limit)
+    await store.put(make_artifact(name="b", seed=7), limits=bytes_limit)  # exactly at the limit
+    with pytest.raises(QuotaExceededError):
+        await store.put(make_artifact(name="b", seed=8), limits=bytes_limit)
+    await store.delete("acme", "a", version=1)
+    await store.put(make_artifact(name="b", seed=8), limits=bytes_limit)  # room again
+    assert await store.usage("acme") == TenantUsage(2, 4 * size)
+    await store.put(make_artifact(name="c"))  # no limits given: none apply
+
+
+async def test_concurrent_puts_cannot_overshoot_the_limits(
+    store: PrefixStore, make_artifact: MakeArtifact
+) -> None:
+    await _tenant(store)
+    limits = StorageLimits(max_prefixes=3)
+    results = await asyncio.gather(
+        *(store.put(make_artifact(name=f"p{i}", seed=i), limits=limits) for i in range(10)),
+        return_exceptions=True,
+    )
+    assert sum(not isinstance(r, BaseException) for r in results) == 3
+    assert all(isinstance(r, QuotaExceededError) for r in results if isinstance(r, BaseException))
+    assert (await store.usage("acme")).prefixes == 3
