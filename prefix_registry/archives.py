@@ -1,7 +1,12 @@
 """Safe in-memory extraction of an uploaded .tar / .tar.gz / .zip (a PEFT adapter directory).
 
 Nothing touches the disk and nothing is executed: members are read into memory under a member
-count and a total size limit; absolute paths, `..`, links and device files are refused.
+count and a total size limit; absolute paths, `..`, links and device files are refused. Every
+member counts toward both limits, including directories and the ones skipped as archive-tool
+metadata: skipping a tar member still decompresses it, so a bomb hidden in `__MACOSX/` would
+otherwise be inflated in full. The limits are checked from each member's declared size before its
+data is read, so decompression stops at the limit; a zip's entry count is read from its end record
+before the central directory is parsed.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from prefix_registry.errors import InvalidPrefixError, PrefixTooLargeError, Unsa
 from prefix_registry.validation import Limits
 
 SKIPPED_DIRS = ("__MACOSX",)  # archive tools' metadata, never part of an adapter
+_EOCD = b"PK\x05\x06"  # zip end-of-central-directory signature
+_EOCD_SEARCH = 22 + 65535  # the record plus the longest comment
 
 
 def is_archive(data: bytes) -> bool:
@@ -35,23 +42,28 @@ class _Budget:
         self.filename = filename
         self.limits = limits
         self.files: dict[str, bytes] = {}
-        self.total = 0
+        self.members = 0  # every member seen, skipped or not
+        self.total = 0  # declared bytes of every member seen
 
-    def admit(self, path: str, size: int) -> str | None:
-        """Check a member before reading it; returns its base name, or None to skip it."""
-        parts = _safe_parts(self.filename, path)
-        if not parts or parts[0] in SKIPPED_DIRS or parts[-1].startswith("._"):
-            return None
-        if len(self.files) >= self.limits.max_archive_members:
+    def count(self, size: int) -> None:
+        """Count one member (any kind) before anything of it is read."""
+        self.members += 1
+        if self.members > self.limits.max_archive_members:
             raise InvalidPrefixError(
                 f"{self.filename}: more than {self.limits.max_archive_members} files in the archive"
             )
-        self.total += size
+        self.total += max(size, 0)
         if self.total > self.limits.max_upload_bytes:
             raise PrefixTooLargeError(
                 f"{self.filename}: extracted size is over the limit of "
                 f"{self.limits.max_upload_bytes} bytes"
             )
+
+    def admit(self, path: str) -> str | None:
+        """Check a counted member's path; returns its base name, or None to skip it."""
+        parts = _safe_parts(self.filename, path)
+        if not parts or parts[0] in SKIPPED_DIRS or parts[-1].startswith("._"):
+            return None
         if parts[-1] in self.files:
             raise InvalidPrefixError(
                 f"{self.filename}: holds more than one {parts[-1]!r} (one adapter per upload)"
@@ -85,13 +97,14 @@ def _extract_tar(filename: str, data: bytes, limits: Limits) -> dict[str, bytes]
 
 
 def _tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, budget: _Budget) -> None:
+    budget.count(member.size)
     if member.isdir():
         return
     if not member.isfile():  # symlink, hard link, device, fifo
         raise UnsafeFileError(
             f"{budget.filename}: refusing archive member {member.name!r} (not a regular file)"
         )
-    name = budget.admit(member.name, member.size)
+    name = budget.admit(member.name)
     if name is None:
         return
     stream = tar.extractfile(member)
@@ -101,6 +114,9 @@ def _tar_member(tar: tarfile.TarFile, member: tarfile.TarInfo, budget: _Budget) 
 
 def _extract_zip(filename: str, data: bytes, limits: Limits) -> dict[str, bytes]:
     budget = _Budget(filename, limits)
+    if _zip_entries(data) > limits.max_archive_members:
+        raise InvalidPrefixError(f"{filename}: more than {limits.max_archive_members} files in "
+                                 "the archive")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             for info in zf.infolist():
@@ -110,12 +126,22 @@ def _extract_zip(filename: str, data: bytes, limits: Limits) -> dict[str, bytes]
     return budget.files
 
 
+def _zip_entries(data: bytes) -> int:
+    """The entry count a zip's end-of-central-directory record declares (0xFFFF: a ZIP64 archive,
+    counted as too many; 0 when no record is found, and zipfile then refuses the file)."""
+    end = data.rfind(_EOCD, max(0, len(data) - _EOCD_SEARCH))
+    if end < 0 or end + 12 > len(data):
+        return 0
+    return int.from_bytes(data[end + 10 : end + 12], "little")
+
+
 def _zip_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, budget: _Budget) -> None:
+    budget.count(info.file_size)
     if info.is_dir():
         return
     if stat.S_ISLNK(info.external_attr >> 16):
         raise UnsafeFileError(f"{budget.filename}: refusing symlink {info.filename!r}")
-    name = budget.admit(info.filename, info.file_size)
+    name = budget.admit(info.filename)
     if name is None:
         return
     with zf.open(info) as stream:  # reads at most the declared size + 1 (bomb-safe)

@@ -23,13 +23,14 @@ import safetensors.torch
 import torch
 from safetensors import SafetensorError
 
+from prefix_registry import safe_json
 from prefix_registry.errors import InvalidPrefixError
 from prefix_registry.fingerprint import ModelFingerprint
 from prefix_registry.validation import Limits, dtype_name, validate_name, validate_tensors
 
 META_KEY = "prefix-serve"  # the __metadata__ entry holding the PrefixMeta JSON
 FORMAT_VERSION = 1
-MAX_HEADER_BYTES = 16 * 2**20  # a prefix's header is a few KB; refuse absurd ones early
+MAX_HEADER_BYTES = 2**20  # a prefix's header is a few KB (at most ~70 KB of metadata)
 MAX_DESCRIPTION_CHARS = 4096
 MAX_TRAINING_JSON_CHARS = 65536
 
@@ -169,10 +170,7 @@ class PrefixArtifact:
         meta_json = read_header(data)[1].get(META_KEY)
         if meta_json is None:
             raise InvalidPrefixError("not a prefix-serve artifact (no 'prefix-serve' metadata)")
-        try:
-            meta = PrefixMeta.from_dict(json.loads(meta_json))
-        except json.JSONDecodeError as e:
-            raise InvalidPrefixError(f"artifact metadata is not valid JSON: {e}") from e
+        meta = PrefixMeta.from_dict(safe_json.loads_object(meta_json, "artifact metadata"))
         artifact = cls(meta=meta, tensors=load_tensors(data))
         if limits is not None:
             artifact.validate(limits)
@@ -186,15 +184,10 @@ def read_header(data: bytes) -> tuple[dict[str, Any], dict[str, str]]:
     (size,) = struct.unpack("<Q", data[:8])
     if size > min(MAX_HEADER_BYTES, len(data) - 8):
         raise InvalidPrefixError("not a safetensors file (bad header length)")
-    try:
-        header = json.loads(data[8 : 8 + size])
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidPrefixError("not a safetensors file (header is not JSON)") from e
-    if not isinstance(header, dict):
-        raise InvalidPrefixError("not a safetensors file (header is not a JSON object)")
+    header = safe_json.loads_object(data[8 : 8 + size], "not a safetensors file: its header")
     metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict):
-        raise InvalidPrefixError("safetensors __metadata__ is not an object")
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidPrefixError("safetensors __metadata__ is not an object of strings")
     return header, metadata
 
 

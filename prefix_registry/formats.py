@@ -11,7 +11,6 @@ Pickle-based files (.bin/.pt/.pth/.ckpt, pickle bytes, torch zip checkpoints) ar
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 
 import torch
 
+from prefix_registry import safe_json
 from prefix_registry.archives import extract, is_archive
 from prefix_registry.artifact import META_KEY, PrefixArtifact, load_tensors, read_header
 from prefix_registry.errors import (
@@ -28,8 +28,14 @@ from prefix_registry.errors import (
 )
 from prefix_registry.fingerprint import ModelFingerprint
 from prefix_registry.peft_adapter import is_peft_config, kv_from_peft
-from prefix_registry.validation import Limits, check_safe_file, validate_tensors
+from prefix_registry.validation import (
+    Limits,
+    check_safe_file,
+    looks_like_safetensors,
+    validate_tensors,
+)
 
+MAX_CONFIG_BYTES = 2**20  # an adapter_config.json is about a KB
 IGNORED_SUFFIXES = (".md", ".txt")  # READMEs that PEFT's save_pretrained writes
 ACCEPTED = (
     "a prefix-serve artifact, a safetensors file with 'p_theta' or 'keys' + 'values', a PEFT "
@@ -150,8 +156,8 @@ def _without_docs(files: Mapping[str, bytes]) -> dict[str, bytes]:
 
 def _classify(name: str, data: bytes) -> str:
     """'safetensors' or 'peft-config' by content; anything else is refused by name."""
-    if len(data) >= 9 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") < len(data):
-        return "safetensors"  # u64 header length, then the JSON header
+    if looks_like_safetensors(data):
+        return "safetensors"
     if data.lstrip()[:1] == b"{":
         if is_peft_config(_parse_json(name, data)):
             return "peft-config"
@@ -160,10 +166,9 @@ def _classify(name: str, data: bytes) -> str:
 
 
 def _parse_json(name: str, data: bytes) -> Any:
-    try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidPrefixError(f"{name}: invalid JSON ({e})") from e
+    if len(data) > MAX_CONFIG_BYTES:
+        raise InvalidPrefixError(f"{name}: {len(data)} bytes, over {MAX_CONFIG_BYTES} for a config")
+    return safe_json.loads(data, name)
 
 
 def _import_safetensors(data: bytes, model: ModelFingerprint, limits: Limits) -> ImportedPrefix:
@@ -183,7 +188,7 @@ def _import_safetensors(data: bytes, model: ModelFingerprint, limits: Limits) ->
 def _import_peft(
     config_data: bytes, weights: bytes, model: ModelFingerprint, limits: Limits
 ) -> ImportedPrefix:
-    config = json.loads(config_data)
+    config = _parse_json("adapter_config.json", config_data)
     keys, values = kv_from_peft(config, load_tensors(weights), model)
     tensors = {"keys": keys, "values": values}
     validate_tensors(tensors, model, limits)

@@ -168,13 +168,26 @@ def check_safe_file(filename: str, data: bytes) -> None:
             f"{filename}: pickle-based checkpoints (.bin/.pt/.pth/.ckpt/.pkl) are refused; "
             "save the adapter with safetensors (save_pretrained(..., safe_serialization=True))"
         )
-    if data[:1] == b"\x80":
+    if is_pickle(data):
         raise UnsafeFileError(f"{filename}: this is a pickle file; only safetensors is accepted")
     if data[:4] == b"PK\x03\x04" and _zip_holds_pickle(data):
         raise UnsafeFileError(
             f"{filename}: this is a torch checkpoint (zip with data.pkl); only safetensors "
             "is accepted"
         )
+
+
+def looks_like_safetensors(data: bytes) -> bool:
+    """A u64 little-endian header length that fits the file, then the JSON header's `{`."""
+    return len(data) >= 9 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") < len(data)
+
+
+def is_pickle(data: bytes) -> bool:
+    """Pickle protocol 2-5 by its real magic: PROTO (0x80) then the protocol number. A safetensors
+    file whose header length starts with byte 0x80 (1 length in 256) is not one."""
+    if len(data) < 2 or data[0] != 0x80 or not 2 <= data[1] <= 5:
+        return False
+    return not looks_like_safetensors(data)
 
 
 def _zip_holds_pickle(data: bytes) -> bool:

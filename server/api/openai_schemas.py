@@ -27,6 +27,15 @@ TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # the vocabulary check comes la
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # OpenAI's range
 
 
+def is_unicode(text: str) -> bool:
+    """False for text holding a lone surrogate (JSON allows "\\ud800"; UTF-8 cannot carry it)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -131,7 +140,10 @@ class ChatMessage(BaseModel):
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
                 raise InvalidRequestError("only text content parts are supported")
             parts.append(part["text"])
-        return "".join(parts)
+        text = "".join(parts)
+        if not is_unicode(text):  # the parts are not validated as strings by the schema
+            raise InvalidRequestError("message content is not valid Unicode (a lone surrogate)")
+        return text
 
 
 class ChatCompletionRequest(_OpenAIRequest):

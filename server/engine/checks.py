@@ -46,6 +46,8 @@ def _check_stops(params: SamplingParams) -> None:
         raise InvalidRequestError(
             f"stop strings must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters"
         )
+    for s in stops:
+        _check_unicode(s, "a stop string")
     if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(
         _is_int(t) for t in params.stop_token_ids
     ):
@@ -59,6 +61,7 @@ def prompt_ids(
     if isinstance(request.prompt, str):
         if not request.prompt:
             raise InvalidRequestError("prompt is empty")
+        _check_unicode(request.prompt, "prompt")
         ids = list(tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens))
     else:
         ids = list(request.prompt)
@@ -86,6 +89,13 @@ def check_context(request: EngineRequest, num_prompt: int, slot_len: int) -> Non
             f"({request.sampling.max_new_tokens}) = {need} tokens exceeds this server's "
             f"context of {slot_len} tokens"
         )
+
+
+def _check_unicode(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate: the tokenizer would raise TypeError
+        raise InvalidRequestError(f"{what} is not valid Unicode (a lone surrogate)") from exc
 
 
 def _is_int(value: object) -> bool:

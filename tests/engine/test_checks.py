@@ -63,3 +63,11 @@ async def test_out_of_range_sampling_is_refused_at_submit(load_tiny, fields: dic
     with pytest.raises(InvalidRequestError):
         engine.submit(_sampled(**fields))
     assert engine.alive
+
+
+@pytest.mark.parametrize("request_", [EngineRequest("a\ud800b"),
+                                      EngineRequest([1], SamplingParams(stop=("\udfff",)))])
+async def test_lone_surrogates_are_refused_at_submit(load_tiny, request_: EngineRequest) -> None:
+    engine = Engine(load_tiny("llama"), EngineConfig(max_batch_size=1))
+    with pytest.raises(InvalidRequestError, match="Unicode"):
+        engine.submit(request_)
