@@ -52,6 +52,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         checked = preflight(settings)
     except StartupError as exc:
         _exit(exc.line())
+    if settings.replicas is not None:
+        checked.sock.close()  # Ray Serve's proxy binds the port itself
+        from server.serve_ray.app import run  # Ray is imported only on this path
+
+        run(settings)
+        return
     _serve(settings, checked)
 
 

@@ -15,10 +15,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from prefix_registry import errors as reg
+from prefix_registry.fingerprint import ModelFingerprint
 from prefix_registry.store import PrefixStore, open_store
 from prefix_registry.validation import Limits
 from server.api import admin_prefixes, admin_tenants, generate, health, openai
 from server.api.auth import DEFAULT_TENANT, Authenticator
+from server.api.backend import EngineBackend, LocalBackend
 from server.api.errors import install_error_handlers
 from server.api.metrics import Metrics
 from server.api.middleware import RequestContextMiddleware
@@ -26,7 +28,7 @@ from server.api.resolver import PrefixResolver
 from server.api.state import Lifecycle, Services
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
-from server.models.loader import LoadedModel, load_model
+from server.models.loader import LoadedModel, ModelInfo, load_model
 from server.settings import Settings
 
 log = logging.getLogger("prefix_serve.server")
@@ -34,10 +36,12 @@ API_VERSION = "1"
 
 
 def create_app(
-    settings: Settings, *, loaded: LoadedModel | None = None, engine: Engine | None = None
+    settings: Settings, *, loaded: ModelInfo | None = None,
+    engine: Engine | EngineBackend | None = None,
 ) -> FastAPI:
     """Build the app. The model is loaded at startup unless `loaded` is given (the CLI loads it
-    first to fail fast; tests share one); likewise the engine (`engine`, not yet started)."""
+    first to fail fast; tests share one); likewise the engine (`engine`, not yet started): a
+    local `Engine`, or another `EngineBackend` (the Ray Serve replicas, with a `ModelSummary`)."""
     metrics = Metrics()
 
     @asynccontextmanager
@@ -65,34 +69,45 @@ def create_app(
 async def start_services(
     settings: Settings,
     metrics: Metrics,
-    loaded: LoadedModel | None = None,
-    engine: Engine | None = None,
+    loaded: ModelInfo | None = None,
+    engine: Engine | EngineBackend | None = None,
 ) -> Services:
     if loaded is None:
         loaded = await asyncio.to_thread(
             load_model, settings.model, dtype=settings.dtype, device=settings.device
         )
-    store = open_store(
-        settings.redis_url, namespace=_namespace(settings), directory=settings.data_dir,
-        limits=Limits(max_upload_bytes=settings.max_upload_bytes),
-    )
-    resolver = PrefixResolver(
-        store, fingerprint=loaded.fingerprint, max_bytes=settings.prefix_cache_bytes
-    )
-    await resolver.start()
-    engine = engine or Engine(loaded, engine_config(settings))
-    engine.start()
-    metrics.watch_engine(engine.stats)
+    store, resolver = await open_registry(settings, loaded.fingerprint)
+    if engine is None:
+        assert isinstance(loaded, LoadedModel)  # only a ModelSummary comes with a backend
+        engine = Engine(loaded, engine_config(settings))
+    backend = LocalBackend(engine) if isinstance(engine, Engine) else engine
+    backend.start()
+    metrics.watch_engine(backend.stats)
     auth = Authenticator(
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
         disabled=settings.auth_disabled, lookup=store.tenant_for_key_hash,
     )
-    services = Services(settings, loaded, engine, store, resolver, auth, metrics,
-                        Lifecycle(engine, settings.shutdown_grace_s))
+    services = Services(settings, loaded, backend, store, resolver, auth, metrics,
+                        Lifecycle(backend, settings.shutdown_grace_s),
+                        engine=engine if isinstance(engine, Engine) else None)
     if settings.auth_disabled:
         await _development_mode(store)
     _log_startup(services)
     return services
+
+
+async def open_registry(
+    settings: Settings, fingerprint: ModelFingerprint
+) -> tuple[PrefixStore, PrefixResolver]:
+    """The prefix store and the resolver in front of it, subscribed to its changes."""
+    store = open_store(
+        settings.redis_url, namespace=_namespace(settings), directory=settings.data_dir,
+        limits=Limits(max_upload_bytes=settings.max_upload_bytes),
+    )
+    resolver = PrefixResolver(store, fingerprint=fingerprint,
+                              max_bytes=settings.prefix_cache_bytes)
+    await resolver.start()
+    return store, resolver
 
 
 async def stop_services(services: Services) -> None:
@@ -145,4 +160,4 @@ def _log_startup(services: Services) -> None:
         loaded.fingerprint.short,
     )
     log.info("registry: %s", settings.store_description)
-    log.info("engine: %s", services.engine.stats())
+    log.info("engine: %s", services.backend.stats() or type(services.backend).__name__)

@@ -109,3 +109,9 @@ class FatalEngineError(UnavailableError):
     """The engine loop died; no request can be served until restart."""
 
     type = "engine_dead"
+
+
+class ReplicaUnavailableError(UnavailableError):
+    """An engine replica (Ray Serve) died while serving the request, after its first token."""
+
+    type = "replica_unavailable"

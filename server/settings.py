@@ -83,6 +83,26 @@ class Settings(BaseSettings):
     fair_output_weight: float = Field(
         default=2.0, ge=0, le=1e6, description="vtc: service counted per generated token"
     )
+    # --- scaling out (Ray Serve; docs/scaling.md)
+    replicas: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="serve with N engine replicas on Ray Serve (unset: one process, no Ray)",
+    )
+    ray_address: str | None = Field(
+        default=None, description="with --replicas: join this Ray cluster ('auto', "
+        "'ray://head:10001'); unset: start a local one",
+    )
+    ingress_replicas: int = Field(default=1, ge=1, le=1024, description="with --replicas: "
+                                  "HTTP ingress replicas (more than 1 needs --redis-url)")
+    replica_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per engine replica")
+    replica_gpus: float | None = Field(
+        default=None, ge=0, description="GPUs per engine replica (default: 1 when this machine "
+        "has CUDA and --device is not cpu, else 0)",
+    )
+    max_prefixes_per_replica: int = Field(
+        default=64, ge=1, description="prefixes an engine replica keeps loaded and advertises "
+        "to the router (Ray Serve multiplexing LRU)",
+    )
     # --- auth and lifecycle
     admin_key: SecretStr | None = Field(
         default=None, description="the operator key (prefer the variable: `ps` shows flags)",
@@ -100,6 +120,15 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @model_validator(mode="after")
+    def _shared_registry_for_ingress_replicas(self) -> Settings:
+        if self.ingress_replicas > 1 and self.redis_url is None:
+            raise ValueError(
+                "--ingress-replicas above 1 needs --redis-url: the embedded store does not tell "
+                "other processes about uploads"
+            )
+        return self
 
     @model_validator(mode="after")
     def _auth_configured(self) -> Settings:

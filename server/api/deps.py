@@ -10,10 +10,10 @@ from fastapi.security import HTTPBearer
 from prefix_registry.errors import TenantNotFoundError
 from prefix_registry.store import PrefixStore
 from server.api.auth import Principal
+from server.api.backend import EngineBackend
 from server.api.middleware import annotate
 from server.api.resolver import PrefixResolver
 from server.api.state import Services
-from server.engine.engine import Engine
 from server.errors import FatalEngineError, ShuttingDownError
 
 # Declared for the OpenAPI document; the header itself is parsed by `Authenticator`.
@@ -69,16 +69,16 @@ async def generation_tenant(
 GenerationTenant = Annotated[str, Depends(generation_tenant)]
 
 
-def running_engine(services: ServicesDep) -> Engine:
+def running_engine(services: ServicesDep) -> EngineBackend:
     """The engine, if it takes new requests: 503 while shutting down or after it died."""
     if services.lifecycle.draining:
         raise ShuttingDownError("the server is shutting down")
-    if not services.engine.alive:
-        raise FatalEngineError(f"the engine is not running: {services.engine.fatal_error}")
-    return services.engine
+    if not services.backend.alive:
+        raise FatalEngineError(f"the engine is not running: {services.backend.fatal_error}")
+    return services.backend
 
 
-EngineDep = Annotated[Engine, Depends(running_engine)]
+EngineDep = Annotated[EngineBackend, Depends(running_engine)]
 
 
 def get_store(services: ServicesDep) -> PrefixStore:

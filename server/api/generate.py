@@ -57,14 +57,14 @@ async def generate(
     generation = await start_generation(services, request, call)
     if body.stream:
         return EventSourceResponse(
-            _sse(generation), ping=15, send_timeout=30,
+            _sse(generation), ping=15, send_timeout=30, headers=generation.headers,
             shutdown_grace_period=services.settings.shutdown_grace_s + 1,
         )
     text, finished = await complete(generation, request)
     if finished.finish_reason is FinishReason.ERROR:
         raise finished_error(finished)
     response = GenerateResponse(text=text, **done_of(generation, finished).model_dump())
-    return JSONResponse(response.model_dump())
+    return JSONResponse(response.model_dump(), headers=generation.headers)
 
 
 def sampling_of(body: GenerateRequest) -> SamplingParams:

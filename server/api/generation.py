@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from server import errors as srv
+from server.api.backend import EventStream
 from server.api.middleware import annotate, new_request_id, request_id
 from server.api.state import Services
 from server.engine.request import (
@@ -25,8 +26,11 @@ from server.engine.request import (
     FinishReason,
     PrefixSource,
     SamplingParams,
+    TenantShare,
     TextDelta,
 )
+
+REPLICA_HEADER = "X-Prefix-Serve-Replica"
 
 
 @dataclass(frozen=True)
@@ -44,14 +48,20 @@ class Generation:
     """One submitted request: its event stream plus what the routes report about it."""
 
     def __init__(self, services: Services, request: Request, engine_request: EngineRequest,
-                 tenant: str) -> None:
+                 stream: EventStream) -> None:
         self.id = engine_request.request_id
         self.prefix: PrefixSource | None = engine_request.prefix
         self._services = services
         self._request = request
-        self._tenant = tenant
-        self._stream = services.engine.submit(engine_request)
+        self._tenant = engine_request.tenant.name
+        self._stream = stream
         self.finished: Finished | None = None
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """Response headers that describe this generation (the replica that serves it)."""
+        replica = self._stream.replica
+        return {REPLICA_HEADER: replica} if replica else {}
 
     async def events(self) -> AsyncIterator[Event]:
         """The engine's events, observed for metrics; ends after the `Finished` event."""
@@ -107,9 +117,12 @@ async def start_generation(
     engine_request = EngineRequest(
         prompt=call.prompt, sampling=call.sampling, prefix=prefix,
         request_id=engine_request_id(request), add_special_tokens=call.add_special_tokens,
+        tenant=TenantShare(name=call.tenant),
     )
-    generation = Generation(services, request, engine_request, call.tenant)
-    annotate(request, engine_request_id=generation.id)
+    stream = await services.backend.submit(engine_request)
+    generation = Generation(services, request, engine_request, stream)
+    annotate(request, engine_request_id=generation.id,
+             **({"replica": stream.replica} if stream.replica else {}))
     return generation
 
 
@@ -150,9 +163,14 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
+def error_class(error_type: str) -> type[srv.ServeError]:
+    """The ServeError subclass of this `type` (the base class for an unknown one)."""
+    return _ERROR_TYPES.get(error_type, srv.ServeError)
+
+
 def finished_error(finished: Finished) -> srv.ServeError:
     """The server error a `Finished(finish_reason=error)` event stands for."""
-    cls = _ERROR_TYPES.get(finished.error_type or "", srv.ServeError)
+    cls = error_class(finished.error_type or "")
     message = finished.error_message or "the request failed"
     if issubclass(cls, srv.OverloadedError):
         return srv.OverloadedError(message)

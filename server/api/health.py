@@ -30,7 +30,7 @@ _OK = "ok"
     summary="Liveness: the process answers and its engine is alive",
 )
 async def health(services: ServicesDep) -> JSONResponse:
-    if services.engine.alive:
+    if services.backend.alive:
         return JSONResponse(HealthOut(status="ok").model_dump(exclude_none=True))
     body = HealthOut(status="engine_dead", detail=_engine_check(services))
     return JSONResponse(body.model_dump(), status_code=503)
@@ -63,9 +63,9 @@ async def metrics(services: ServicesDep) -> Response:
 
 
 def _engine_check(services: Services) -> str:
-    if services.engine.alive:
+    if services.backend.alive:
         return _OK
-    return f"dead: {services.engine.fatal_error}"
+    return f"dead: {services.backend.fatal_error}"
 
 
 async def _registry_check(services: Services) -> str:

@@ -20,7 +20,7 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5)
 
 # EngineStats field -> (metric suffix, help, kind); fields the engine lacks are skipped.
-_ENGINE_FIELDS: dict[str, tuple[str, str, str]] = {
+ENGINE_FIELDS: dict[str, tuple[str, str, str]] = {
     "running": ("running_requests", "requests in the running batch", "gauge"),
     "waiting": ("queued_requests", "requests waiting for admission", "gauge"),
     "free_slots": ("kv_free_slots", "free KV pool slots", "gauge"),
@@ -42,8 +42,11 @@ class EngineCollector(Collector):
         self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        data = _as_dict(self._stats())
-        for field, (suffix, doc, kind) in _ENGINE_FIELDS.items():
+        stats = self._stats()
+        if stats is None:  # the engines live elsewhere (Ray Serve replicas export their own)
+            return
+        data = stats_dict(stats)
+        for field, (suffix, doc, kind) in ENGINE_FIELDS.items():
             value = data.get(field)
             if not isinstance(value, int | float):
                 continue
@@ -52,7 +55,7 @@ class EngineCollector(Collector):
             yield family(name, doc, value=float(value))
 
 
-def _as_dict(stats: Any) -> dict[str, Any]:
+def stats_dict(stats: Any) -> dict[str, Any]:
     if dataclasses.is_dataclass(stats) and not isinstance(stats, type):
         return dataclasses.asdict(stats)
     return dict(stats) if isinstance(stats, dict) else vars(stats)

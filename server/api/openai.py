@@ -100,12 +100,13 @@ async def _respond(
     if body.stream:
         return EventSourceResponse(
             openai_stream(generation, fmt, body.include_usage), ping=15, send_timeout=30,
+            headers=generation.headers,
             shutdown_grace_period=services.settings.shutdown_grace_s + 1,
         )
     text, finished = await complete(generation, request)
     if finished.finish_reason is FinishReason.ERROR:
         raise finished_error(finished)
-    return JSONResponse(fmt.response(text, finished).model_dump())
+    return JSONResponse(fmt.response(text, finished).model_dump(), headers=generation.headers)
 
 
 def _prefix_ref(body: _OpenAIRequest, services: Services) -> str | None:

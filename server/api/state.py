@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 from prefix_registry.store import PrefixStore
 from server.api.auth import Authenticator
+from server.api.backend import EngineBackend
 from server.api.metrics import Metrics
 from server.api.resolver import PrefixResolver
 from server.engine.engine import Engine
-from server.models.loader import LoadedModel
+from server.models.loader import ModelInfo
 from server.settings import Settings
 
 log = logging.getLogger("prefix_serve.server")
@@ -26,7 +27,7 @@ log = logging.getLogger("prefix_serve.server")
 class Lifecycle:
     """Stop admitting, drain the engine within `grace_s`, then it is safe to exit."""
 
-    def __init__(self, engine: Engine, grace_s: float) -> None:
+    def __init__(self, engine: EngineBackend, grace_s: float) -> None:
         self._engine = engine
         self._grace_s = grace_s
         self._task: asyncio.Task[None] | None = None
@@ -50,13 +51,14 @@ class Lifecycle:
 @dataclass
 class Services:
     settings: Settings
-    loaded: LoadedModel
-    engine: Engine
+    loaded: ModelInfo  # the model's weights only where the engine runs in this process
+    backend: EngineBackend  # what routes submit to: the local engine or the Ray replicas
     store: PrefixStore
     resolver: PrefixResolver
     auth: Authenticator
     metrics: Metrics
     lifecycle: Lifecycle
+    engine: Engine | None = None  # the engine in this process (None behind Ray Serve)
 
     @property
     def model_name(self) -> str:

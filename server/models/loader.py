@@ -58,6 +58,27 @@ class LoadedModel:
     dtype: torch.dtype
     max_context: int  # max_position_embeddings: prefix + prompt + generated must fit
 
+    def summary(self) -> ModelSummary:
+        return ModelSummary(self.tokenizer, self.family, self.fingerprint, self.name,
+                            self.device, self.dtype, self.max_context)
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """A loaded model without its weights: all the HTTP layer needs to know of it. It pickles
+    small, so a process that serves HTTP for engines elsewhere (Ray Serve) never loads weights."""
+
+    tokenizer: PreTrainedTokenizerBase
+    family: Family
+    fingerprint: ModelFingerprint
+    name: str
+    device: torch.device
+    dtype: torch.dtype
+    max_context: int
+
+
+ModelInfo = LoadedModel | ModelSummary
+
 
 def load_model(
     model: str,

@@ -102,3 +102,46 @@ async def test_requests_outliving_the_grace_period_are_cancelled(
     assert events[-1][0] == "done"
     assert events[-1][1]["finish_reason"] == "cancelled"
     assert events[-1][1]["usage"]["completion_tokens"] < 240
+
+
+_NO_RAY_SCRIPT = """
+import asyncio, sys
+import httpx
+import server.__main__
+from server.app import create_app
+from server.settings import Settings
+
+async def main(model, data_dir):
+    app = create_app(Settings(model=model, auth_disabled=True, data_dir=data_dir,
+                              kv_cache_mb=1, dtype="float32"))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            r = await client.post("/generate", json={"prompt": "hi", "max_new_tokens": 2})
+            assert r.status_code == 200, r.text
+            assert "x-prefix-serve-replica" not in r.headers
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+loaded = sorted(m for m in sys.modules if m == "ray" or m.startswith("ray."))
+print("ray modules:", loaded)
+sys.exit(1 if loaded else 0)
+"""
+
+
+def test_a_plain_server_never_imports_ray(tiny_model_dir: Callable[..., Path],
+                                          tmp_path: Path) -> None:
+    """Without --replicas: one process, and Ray is never imported (only server/serve_ray does)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_SERVE_")}
+    result = subprocess.run(
+        [sys.executable, "-c", _NO_RAY_SCRIPT, str(tiny_model_dir("llama")), str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ray modules: []" in result.stdout
+    offenders = [
+        str(path.relative_to(REPO)) for path in (REPO / "server").rglob("*.py")
+        if "serve_ray" not in path.parts
+        and any(line.startswith(("import ray", "from ray"))
+                for line in path.read_text().splitlines())
+    ]
+    assert offenders == []

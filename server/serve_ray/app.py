@@ -1,0 +1,91 @@
+"""Building and running the Ray Serve application.
+
+`prefix-serve --replicas N` calls `run(settings)`: it starts (or joins, `--ray-address`) a Ray
+cluster, serves the app on `--host`/`--port` through Ray Serve's proxy, and on SIGTERM / Ctrl-C
+stops it. A Ray Serve config file names `server.serve_ray.app:app_builder` instead
+(deploy/ray-serve.yaml), so `serve deploy` and KubeRay run the same application.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any
+
+import ray
+import torch
+from ray import serve
+from ray.serve import Application
+
+from server.serve_ray.ingress import Ingress
+from server.serve_ray.replica import EngineReplica
+from server.settings import Settings
+
+log = logging.getLogger("prefix_serve.ray")
+APP_NAME = "prefix-serve"
+HEALTH_CHECK_PERIOD_S = 5.0
+SHUTDOWN_MARGIN_S = 5.0  # beyond the drain: closing the registry, stopping the engine thread
+
+
+def build_app(settings: Settings) -> Application:
+    """The ingress bound to the engine deployment, both sized from `settings`."""
+    engine = serve.deployment(
+        name="EngineReplica",
+        num_replicas=settings.replicas or 1,
+        ray_actor_options={"num_cpus": settings.replica_cpus, "num_gpus": _gpus(settings)},
+        # the engine queues and batches: let the router hand it as much as it can queue
+        max_ongoing_requests=settings.max_batch_size + settings.max_queue,
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
+        graceful_shutdown_timeout_s=settings.shutdown_grace_s + SHUTDOWN_MARGIN_S,
+    )(EngineReplica)
+    ingress = serve.deployment(
+        name="Ingress",
+        num_replicas=settings.ingress_replicas,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=4 * (settings.max_batch_size + settings.max_queue),
+        graceful_shutdown_timeout_s=settings.shutdown_grace_s + SHUTDOWN_MARGIN_S,
+    )(Ingress)
+    return ingress.bind(engine.bind(settings), settings)
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    """For Ray Serve config files: `args` are the settings (the deployments' options in the
+    file override replica counts, autoscaling and resources)."""
+    return build_app(Settings(**args))
+
+
+def _gpus(settings: Settings) -> float:
+    if settings.replica_gpus is not None:
+        return settings.replica_gpus
+    return 1.0 if settings.device != "cpu" and torch.cuda.is_available() else 0.0
+
+
+def start(settings: Settings) -> str:
+    """Connect to Ray, deploy, and return the HTTP URL once every replica is up."""
+    if not ray.is_initialized():
+        ray.init(address=settings.ray_address, include_dashboard=False,
+                 logging_level=logging.WARNING)
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+def stop() -> None:
+    """Delete the application and stop Serve (a local Ray cluster stops with the process)."""
+    serve.shutdown()
+    ray.shutdown()
+
+
+def run(settings: Settings) -> None:
+    """Serve until SIGTERM or Ctrl-C."""
+    stopping = threading.Event()
+    url = start(settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stopping.set())
+    log.info("serving %s with %d engine replicas on %s", settings.model,
+             settings.replicas or 1, url)
+    stopping.wait()
+    log.info("stopping: replicas get %.1fs to finish running requests", settings.shutdown_grace_s)
+    stop()
