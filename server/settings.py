@@ -85,19 +85,21 @@ class Settings(BaseSettings):
     )
     # --- scaling out (Ray Serve; docs/scaling.md)
     replicas: int | None = Field(
-        default=None, ge=1, le=1024,
-        description="serve with N engine replicas on Ray Serve (unset: one process, no Ray)",
+        default=None, ge=1, le=1024, description="serve with N engine replicas on Ray Serve",
+        json_schema_extra={"shown_default": "unset: one process, no Ray"},
     )
     ray_address: str | None = Field(
         default=None, description="with --replicas: join this Ray cluster ('auto', "
-        "'ray://head:10001'); unset: start a local one",
+        "'ray://head:10001')", json_schema_extra={"metavar": "ADDRESS",
+                                                  "shown_default": "unset: a local cluster"},
     )
     ingress_replicas: int = Field(default=1, ge=1, le=1024, description="with --replicas: "
                                   "HTTP ingress replicas (more than 1 needs --redis-url)")
     replica_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per engine replica")
     replica_gpus: float | None = Field(
-        default=None, ge=0, description="GPUs per engine replica (default: 1 when this machine "
-        "has CUDA and --device is not cpu, else 0)",
+        default=None, ge=0, description="GPUs per engine replica",
+        json_schema_extra={"shown_default": "1 when this machine has CUDA and --device is not "
+                           "cpu, else 0"},
     )
     max_prefixes_per_replica: int = Field(
         default=64, ge=1, description="prefixes an engine replica keeps loaded and advertises "
