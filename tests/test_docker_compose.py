@@ -8,12 +8,15 @@ are always parsed and checked, and the health-check script runs against a real H
 from __future__ import annotations
 
 import http.server
+import importlib
 import os
+import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,3 +170,103 @@ def closed_port() -> Iterator[int]:
 
 def test_healthcheck_script_fails_when_nothing_listens(closed_port: int) -> None:
     assert _health(closed_port, "/ready") == 1
+
+
+# --- profile "ha": Redis with Sentinel, two engine replicas behind Ray Serve -------------------
+
+HA_SERVICES = ("redis-replica-1", "redis-replica-2", "sentinel-1", "sentinel-2", "sentinel-3",
+               "server-ray")
+
+
+def test_ha_profile_services(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in HA_SERVICES:
+        assert services[name]["profiles"] == ["ha"], name
+    assert "profiles" not in services["redis"] and "profiles" not in services["server"]
+    for name in ("redis-replica-1", "redis-replica-2"):
+        command = services[name]["command"]
+        assert command[command.index("--replicaof") + 1:][:2] == ["redis", "6379"]
+    server = services["server-ray"]
+    assert server["command"] == ["prefix-serve", "--replicas", "2"]
+    assert server["build"]["args"]["EXTRAS"] == "[ray]"
+    assert server["depends_on"] == {
+        f"sentinel-{i}": {"condition": "service_healthy"} for i in (1, 2, 3)}
+    assert int(server["shm_size"].removesuffix("gb")) >= 1
+
+
+def _sentinel_lines(compose: dict[str, Any]) -> list[str]:
+    """The sentinel.conf lines that the sentinel services write at start."""
+    command = compose["services"]["sentinel-1"]["command"][0]
+    printed = command.split(">", 1)[0].removeprefix("printf '%s\\n'")
+    return shlex.split(printed)
+
+
+def test_ha_profile_url_names_the_sentinels_and_their_service(compose: dict[str, Any]) -> None:
+    from prefix_registry.redis_connect import parse_redis_url
+
+    url = compose["services"]["server-ray"]["environment"]["PREFIX_SERVE_REDIS_URL"]
+    target = parse_redis_url(url)
+    assert target.topology == "sentinel"
+    assert sorted(target.nodes) == [(f"sentinel-{i}", 26379) for i in (1, 2, 3)]
+    monitor = next(line for line in _sentinel_lines(compose) if "sentinel monitor" in line)
+    assert monitor.split()[2:] == [target.service, "redis", "6379", "2"]  # quorum 2 of 3
+
+
+def test_ha_profile_sentinel_config_runs_on_a_real_sentinel(
+    compose: dict[str, Any], tmp_path: Path
+) -> None:
+    """The profile's sentinel.conf, pointed at a real primary on loopback, monitors it."""
+    from tests.redis_procs import free_port, missing_binaries
+
+    if missing_binaries():
+        pytest.skip(str(missing_binaries()))
+    primary_port, sentinel_port = free_port(), free_port()
+    primary = subprocess.Popen(["redis-server", "--port", str(primary_port), "--save", "",
+                                "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL)
+    lines = [line.replace(" redis 6379 ", f" 127.0.0.1 {primary_port} ")
+                 .replace("port 26379", f"port {sentinel_port}")
+             for line in _sentinel_lines(compose)]
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text("\n".join([*lines, "bind 127.0.0.1"]) + "\n")
+    sentinel = subprocess.Popen(["redis-server", str(conf), "--sentinel"],
+                                stdout=subprocess.DEVNULL)
+    try:
+        import redis
+
+        client = redis.Redis(port=sentinel_port, socket_timeout=2)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                address = client.sentinel_get_master_addr_by_name("prefix-serve")
+                break
+            except redis.RedisError:
+                assert time.monotonic() < deadline, "the sentinel did not start"
+                time.sleep(0.2)
+        assert int(address[1]) == primary_port
+    finally:
+        for process in (sentinel, primary):
+            process.terminate()
+            process.wait(10)
+
+
+def test_dockerfile_installs_extras_on_request() -> None:
+    instructions = _instructions()
+    assert ("ARG", 'EXTRAS=""') in instructions
+    assert any(name == "RUN" and 'pip install ."${EXTRAS}"' in value
+               for name, value in instructions)
+
+
+def test_ray_serve_config_builds_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
+    """deploy/ray-serve.yaml is a valid Ray Serve config whose import path builds the app and
+    whose deployments exist in it."""
+    schema = pytest.importorskip("ray.serve.schema")
+    config = yaml.safe_load((ROOT / "deploy" / "ray-serve.yaml").read_text())
+    schema.ServeDeploySchema.model_validate(config)
+    [app_config] = config["applications"]
+    module, _, name = app_config["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    monkeypatch.setenv("PREFIX_SERVE_ADMIN_KEY", "k")
+    app = builder(app_config["args"])
+    ingress = app._bound_deployment
+    engine = ingress.init_args[0]._bound_deployment
+    assert {d["name"] for d in app_config["deployments"]} == {ingress._name, engine._name}

@@ -30,9 +30,11 @@ SHUTDOWN_MARGIN_S = 5.0  # beyond the drain: closing the registry, stopping the 
 
 def build_app(settings: Settings) -> Application:
     """The ingress bound to the engine deployment, both sized from `settings`."""
+    # A config file's autoscaling_config replaces a replica count: set one only when asked.
+    count: dict[str, Any] = {"num_replicas": settings.replicas} if settings.replicas else {}
     engine = serve.deployment(
         name="EngineReplica",
-        num_replicas=settings.replicas or 1,
+        **count,
         ray_actor_options={"num_cpus": settings.replica_cpus, "num_gpus": _gpus(settings)},
         # the engine queues and batches: let the router hand it as much as it can queue
         max_ongoing_requests=settings.max_batch_size + settings.max_queue,

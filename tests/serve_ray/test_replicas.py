@@ -59,9 +59,9 @@ async def test_a_prefix_stays_on_its_replica_and_prefixes_use_both(
         response = await _generate(client, ray_served.key, name)
         assert response.status_code == 200, response.text
         home[name] = response.headers[HEADER]
-        await asyncio.sleep(0.5)  # replicas report their loaded prefixes to the router
+        await asyncio.sleep(1.0)  # replicas report their loaded prefixes to the router
     assert len(set(home.values())) == 2, f"every prefix went to one replica: {home}"
-    await asyncio.sleep(2.0)
+    await asyncio.sleep(5.0)  # generous on a loaded machine: the reports are asynchronous
     for _ in range(3):
         for name in names:
             response = await _generate(client, ray_served.key, name)
@@ -74,6 +74,12 @@ async def test_a_prefix_stays_on_its_replica_and_prefixes_use_both(
         response = await client.post(path, headers=auth(ray_served.key), json=body)
         assert response.status_code == 200, response.text
         assert response.headers[HEADER] == home[names[0]]
+    handle = serve.get_deployment_handle("EngineReplica", app_name="prefix-serve")
+    for name in names:  # each replica's own engine counters, asked through the prefix it holds
+        info = await handle.options(multiplexed_model_id=f"acme/{name}@1").replica_info.remote()
+        assert info.replica == home[name] and info.stats.tokens_generated > 0
+    metrics = await client.get("/metrics")
+    assert metrics.status_code == 200 and "prefix_serve_requests" in metrics.text
 
 
 async def test_uploads_and_deletes_reach_every_ingress_within_a_second(
