@@ -17,6 +17,7 @@ from ray import serve
 
 from server.app import create_app
 from server.models.loader import LoadedModel
+from server.serve_ray.messages import ReplicaInfo
 from tests.api.helpers import auth, parse_sse, prefix_tensors, safetensors_file
 from tests.serve_ray.conftest import RayServed
 
@@ -74,10 +75,9 @@ async def test_a_prefix_stays_on_its_replica_and_prefixes_use_both(
         response = await client.post(path, headers=auth(ray_served.key), json=body)
         assert response.status_code == 200, response.text
         assert response.headers[HEADER] == home[names[0]]
-    handle = serve.get_deployment_handle("EngineReplica", app_name="prefix-serve")
     for name in names:  # each replica's own engine counters, asked through the prefix it holds
-        info = await handle.options(multiplexed_model_id=f"acme/{name}@1").replica_info.remote()
-        assert info.replica == home[name] and info.stats.tokens_generated > 0
+        info = await _replica_holding(f"acme/{name}@1", home[name])
+        assert info.stats.tokens_generated > 0
     metrics = await client.get("/metrics")
     assert metrics.status_code == 200 and "prefix_serve_requests" in metrics.text
 
@@ -142,9 +142,7 @@ async def test_a_killed_replica_loses_no_request_that_had_not_started(
     key = ray_served.key
     await _upload(client, key, loaded, "victim", seed=3)
     victim = (await _generate(client, key, "victim")).headers[HEADER]
-    handle = serve.get_deployment_handle("EngineReplica", app_name="prefix-serve")
-    info = await handle.options(multiplexed_model_id="acme/victim@1").replica_info.remote()
-    assert info.replica == victim
+    info = await _replica_holding("acme/victim@1", victim)
     streaming = asyncio.create_task(client.post(
         "/generate", headers=auth(key),
         json={"prefix_id": "victim", "prompt": "Once", "max_new_tokens": 200, "stream": True,
@@ -166,6 +164,21 @@ async def test_a_killed_replica_loses_no_request_that_had_not_started(
     if last_name == "error":  # it had started streaming on the killed replica: a clean 503 type
         assert last_data["error"]["type"] == "replica_unavailable"
     await _wait_for_replacement(client, key, loaded, victim)
+
+
+async def _replica_holding(model_id: str, replica: str) -> ReplicaInfo:
+    """`replica_info` of the replica that holds `model_id`, asked through this process's own
+    router, which learns where each prefix is loaded asynchronously (until then, it may ask
+    another replica: `replica_info` loads nothing, so the answer converges)."""
+    handle = serve.get_deployment_handle("EngineReplica", app_name="prefix-serve")
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        info: ReplicaInfo = await handle.options(
+            multiplexed_model_id=model_id).replica_info.remote()
+        if info.replica == replica:
+            return info
+        assert time.monotonic() < deadline, f"{model_id} is not reported on {replica}"
+        await asyncio.sleep(0.5)
 
 
 async def _wait_for_replacement(client: httpx.AsyncClient, key: str, loaded: LoadedModel,
