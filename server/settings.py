@@ -62,16 +62,34 @@ class Settings(BaseSettings):
     )
     max_upload_mb: float = Field(default=64.0, gt=0, description="largest prefix upload (MiB)")
     # --- the engine
-    max_batch_size: int = Field(default=16, ge=1, description="requests decoded together")
-    max_queue: int = Field(default=256, ge=1, description="waiting requests before 429")
-    kv_cache_mb: float = Field(default=512.0, gt=0, description="KV pool budget (MiB)")
-    prefix_cache_mb: float = Field(default=256.0, gt=0, description="prefix K/V cache (MiB)")
+    max_batch_size: int = Field(default=256, ge=1, description="most requests running at once")
+    max_queue: int = Field(default=1024, ge=1, description="waiting requests before 429")
+    max_num_batched_tokens: int = Field(
+        default=2048, ge=1, description="tokens per engine step: decode rows plus prompt chunks"
+    )
+    kv_cache_mb: float | None = Field(
+        default=None, gt=0, description="KV pool size in MiB",
+        json_schema_extra={"metavar": "MIB", "shown_default": "a share of the memory free "
+                           "after loading: --gpu-memory-utilization or --cpu-kv-fraction"},
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="CUDA: share of the device memory the server may use"
+    )
+    cpu_kv_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="CPU: share of the available RAM for the KV pool"
+    )
+    block_size: int = Field(default=16, ge=1, le=1024, description="tokens per KV block")
+    attention_backend: Literal["auto", "torch"] = Field(
+        default="auto", description="paged attention implementation"
+    )
+    prefix_cache_mb: float = Field(
+        default=256.0, gt=0, description="host memory for prefix tensors read from the registry"
+    )
     max_seq_len: int | None = Field(
         default=None, ge=2, description="prefix+prompt+output per request",
         json_schema_extra={"metavar": "TOKENS",
-                           "shown_default": "the model's context, at most 4096"},
+                           "shown_default": "the model's context"},
     )
-    prefill_chunk_tokens: int = Field(default=512, ge=1, description="prompt tokens per step")
     # --- fairness between tenants (docs/tenants.md)
     fairness: Literal["vtc", "fifo"] = Field(
         default="vtc", description="who is admitted next when the engine is full: vtc "
@@ -146,8 +164,8 @@ class Settings(BaseSettings):
         return int(self.max_upload_mb * MIB)
 
     @property
-    def kv_cache_bytes(self) -> int:
-        return int(self.kv_cache_mb * MIB)
+    def kv_cache_bytes(self) -> int | None:
+        return None if self.kv_cache_mb is None else int(self.kv_cache_mb * MIB)
 
     @property
     def prefix_cache_bytes(self) -> int:

@@ -11,7 +11,9 @@ import math
 
 from transformers import PreTrainedTokenizerBase
 
-from server.engine.request import EngineRequest, SamplingParams
+from server.engine.memory import PoolPlan
+from server.engine.fairness import check_share
+from server.engine.request import EngineRequest, SamplingParams, TenantShare
 from server.errors import ContextLengthError, InvalidRequestError
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64); negatives not offered
@@ -79,15 +81,24 @@ def prompt_ids(
     return ids
 
 
-def check_context(request: EngineRequest, num_prompt: int, slot_len: int) -> None:
-    """prefix + prompt + max_new_tokens must fit one KV slot (<= the model's context)."""
+def check_fits(request: EngineRequest, num_prompt: int, pool: PoolPlan) -> None:
+    """prefix + prompt + max_new_tokens must fit `max_seq_len` (<= the model's context), and
+    the request alone must fit the KV pool, so nothing admitted can ever run out of room."""
     prefix = request.prefix.prefix_len if request.prefix is not None else 0
     need = prefix + num_prompt + request.sampling.max_new_tokens
-    if need > slot_len:
+    if need > pool.max_seq_len:
         raise ContextLengthError(
             f"prefix ({prefix}) + prompt ({num_prompt}) + max_new_tokens "
             f"({request.sampling.max_new_tokens}) = {need} tokens exceeds this server's "
-            f"context of {slot_len} tokens"
+            f"context of {pool.max_seq_len} tokens"
+        )
+    # The last sampled token is never fed back, so its K/V never need a slot.
+    own = num_prompt + request.sampling.max_new_tokens - 1
+    blocks = pool.blocks_for(prefix) + pool.blocks_for(own)
+    if blocks > pool.num_blocks:
+        raise ContextLengthError(
+            f"this request needs {blocks} KV blocks but the server's pool holds "
+            f"{pool.num_blocks}; shorten it (the operator can raise --kv-cache-mb)"
         )
 
 
@@ -110,3 +121,10 @@ def _short(value: object, limit: int = 40) -> str:
     """A value for an error message, cut short (a huge integer must not be echoed whole)."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def check_tenant(share: TenantShare) -> None:
+    try:
+        check_share(share)
+    except ValueError as exc:
+        raise InvalidRequestError(str(exc)) from exc

@@ -1,81 +1,69 @@
-"""The engine's configuration and its stats snapshot; sizing the KV pool from the config."""
+"""The engine's configuration, its stats snapshot, and the wait-queue policy it names."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
-from server.engine.kv_pool import KVPool, PoolShape
-from server.models.loader import LoadedModel
+from server.engine.fairness import WaitQueue, make_wait_queue
 
 MiB = 2**20
-DEFAULT_MAX_SEQ_LEN = 4096
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = 32  # most requests running at once (KV slots)
-    max_queue: int = 256  # most requests waiting for a slot; beyond it submit is refused
-    kv_cache_bytes: int | None = None  # KV pool budget; None = max_batch_size slots
-    max_seq_len: int | None = None  # slot length; None = min(model max_context, 4096)
-    prefix_cache_bytes: int = 256 * MiB  # device bytes for cached prefix K/V (LRU)
-    prefill_chunk_tokens: int = 256  # prompt tokens prefilled per step, across requests
+    max_batch_size: int = 256  # most requests running at once
+    max_queue: int = 1024  # most requests waiting to be admitted; beyond it submit is refused
+    max_num_batched_tokens: int = 2048  # tokens per step: decode rows plus prompt chunks
+    block_size: int = 16  # token slots per KV block
+    kv_cache_bytes: int | None = None  # KV pool size; None = a share of the free memory
+    gpu_memory_utilization: float = 0.9  # CUDA: share of the device's memory the process may use
+    cpu_kv_fraction: float = 0.5  # CPU: share of the RAM available after loading, for the pool
+    max_seq_len: int | None = None  # prefix + prompt + output per request; None = model's context
+    attention_backend: Literal["auto", "torch"] = "auto"
     record_logits: bool = False  # keep each request's first-step logits (tests)
     fairness: str = "vtc"  # waiting-queue policy: "vtc" (token-fair between tenants) or "fifo"
     fair_prompt_weight: float = 1.0  # service charged per prompt token (fairness.PROMPT_WEIGHT)
     fair_output_weight: float = 2.0  # service charged per generated token (fairness.OUTPUT_WEIGHT)
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "prefill_chunk_tokens"):
+        for name in ("max_batch_size", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1")
-        if self.max_queue < 0 or self.prefix_cache_bytes < 0:
-            raise ValueError("EngineConfig.max_queue and prefix_cache_bytes must be >= 0")
+        if self.max_num_batched_tokens < self.max_batch_size:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_batch_size ({self.max_batch_size}): every running request decodes each step"
+            )
+        if self.max_queue < 0:
+            raise ValueError("EngineConfig.max_queue must be >= 0")
+        if not 0 < self.gpu_memory_utilization <= 1 or not 0 < self.cpu_kv_fraction <= 1:
+            raise ValueError("gpu_memory_utilization and cpu_kv_fraction must be in (0, 1]")
         if self.max_seq_len is not None and self.max_seq_len < 2:
             raise ValueError("EngineConfig.max_seq_len must be >= 2")
 
 
 @dataclass(frozen=True)
 class EngineStats:
-    running: int  # requests holding a KV slot
-    waiting: int  # requests queued for a slot
-    free_slots: int
-    total_slots: int
+    running: int  # requests holding KV blocks
+    waiting: int  # requests queued for admission (new or preempted)
     tokens_generated: int
-    prefix_cache_hits: int
+    prefix_cache_hits: int  # admissions whose prefix K/V were already in the pool
     prefix_cache_misses: int
-    prefix_cache_evictions: int
-    prefix_cache_bytes: int
+    prefix_cache_evictions: int  # idle cached prefixes whose blocks were reclaimed
+    prefix_cache_bytes: int  # pool bytes holding prefix K/V (held or idle)
     prefix_cache_entries: int
     steps: int
     busy_s: float = 0.0  # wall time inside steps that ran the model
-    forward_s: float = 0.0  # of which: the model's forward (logits on the host)
+    forward_s: float = 0.0  # of which: the model's forward and sampling (tokens on the host)
+    kv_blocks_total: int = 0
+    kv_blocks_used: int = 0  # held by running requests or by prefixes they use
+    kv_blocks_prefix: int = 0  # holding prefix K/V (held or idle cached)
+    kv_block_size: int = 0
+    kv_cache_bytes: int = 0
+    preemptions: int = 0
+    tenant_service: dict[str, float] = field(default_factory=dict)  # fairness counters
 
 
-def pool_for(loaded: LoadedModel, config: EngineConfig) -> KVPool:
-    """Allocate the KV pool: slot length from the config/model, slot count from the budget."""
-    _refuse_sliding_window(loaded)
-    slot_len = config.max_seq_len or min(loaded.max_context, DEFAULT_MAX_SEQ_LEN)
-    if slot_len > loaded.max_context:
-        raise ValueError(
-            f"max_seq_len {slot_len} exceeds the model's context of {loaded.max_context} tokens"
-        )
-    fp = loaded.fingerprint
-    shape = PoolShape(fp.num_layers, fp.num_kv_heads, fp.head_dim, slot_len)
-    per_slot = shape.bytes_per_slot(loaded.dtype)
-    slots = config.max_batch_size
-    if config.kv_cache_bytes is not None:
-        slots = min(slots, config.kv_cache_bytes // per_slot)
-    if slots < 1:
-        raise ValueError(
-            f"kv_cache_bytes={config.kv_cache_bytes} holds no slot: one slot of {slot_len} "
-            f"tokens needs {per_slot} bytes (lower max_seq_len or raise the budget)"
-        )
-    return KVPool(shape, slots, loaded.dtype, loaded.device)
-
-
-def _refuse_sliding_window(loaded: LoadedModel) -> None:
-    # The runner's explicit 4D mask is used as given by every layer, so a sliding-window layer
-    # would silently attend to its whole past.
-    layer_types = getattr(loaded.model.config, "layer_types", None) or []
-    if "sliding_attention" in layer_types:
-        raise ValueError("models with sliding-window attention layers are not supported")
+def make_queue(config: EngineConfig) -> WaitQueue:
+    return make_wait_queue(config.fairness, config.fair_prompt_weight, config.fair_output_weight)

@@ -1,8 +1,8 @@
 """The engine: a loop on its own thread; each step is schedule -> run -> update.
 
 Callers on the asyncio loop `submit()` requests and get a `RequestStream`; `cancel()` and
-`shutdown()` are safe from any thread. Everything else (scheduler, pool, caches, model) belongs
-to the engine thread. See docs/engine.md.
+`shutdown()` are safe from any thread. The scheduler, block manager, pool and model belong to the
+engine thread; text and event delivery to the output thread (`output.py`). See docs/engine.md.
 """
 
 from __future__ import annotations
@@ -10,29 +10,28 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import threading
+from collections import Counter
 from collections.abc import Callable
 from typing import cast
 
 import torch
 
 from server.engine import checks
-from server.engine.config import EngineConfig, EngineStats, pool_for
+from server.engine.block_manager import BlockManager, PrefixBlocks
+from server.engine.config import EngineConfig, EngineStats, make_queue
 from server.engine.detokenizer import Detokenizer
-from server.engine.live import Live, eos_ids, serve_error
-from server.engine.prefix_cache import PrefixCache
-from server.engine.request import (
-    EngineRequest,
-    FinishReason,
-    Request,
-    Status,
-    TextDelta,
-    now,
-)
+from server.engine.kv_pool import KVPool
+from server.engine.live import eos_ids, serve_error
+from server.engine.memory import plan_pool
+from server.engine.output import Finish, Item, Live, OutputProcessor, Tokens
+from server.engine.prefixes import prefix_keys_values
+from server.engine.request import EngineRequest, FinishReason, Request, Status, now
 from server.engine.runner import Runner
 from server.engine.sampler import make_generator, sample
-from server.engine.scheduler import Scheduler, StepPlan
-from server.engine.stream import Outbox, RequestStream
+from server.engine.scheduler import Scheduler, SchedulerLimits, StepPlan, Work
+from server.engine.stream import RequestStream
 from server.errors import (
     FatalEngineError,
     InvalidRequestError,
@@ -44,34 +43,51 @@ from server.models.loader import LoadedModel
 
 log = logging.getLogger(__name__)
 _ids = itertools.count(1)
+# Errors no single request causes: the engine cannot go on after them.
+_FATAL: tuple[type[BaseException], ...] = (
+    MemoryError, torch.OutOfMemoryError, FatalEngineError,
+    *((torch.AcceleratorError,) if hasattr(torch, "AcceleratorError") else ()),
+)
 
 
 class Engine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
         self.loaded, self.config = loaded, config or EngineConfig()
-        self.pool = pool_for(loaded, self.config)
-        self.scheduler = Scheduler(self.pool.num_slots, self.config.prefill_chunk_tokens)
-        self.runner = Runner(loaded.model, self.pool, loaded.device)
-        self.prefix_cache = PrefixCache(self.config.prefix_cache_bytes)
+        self.pool_plan = plan_pool(loaded, self.config)
+        self.pool = KVPool(self.pool_plan.shape, self.pool_plan.num_blocks, loaded.dtype,
+                           loaded.device)
+        self.blocks = BlockManager(self.pool.num_blocks, self.pool.shape.block_size)
+        self.scheduler = Scheduler(self.blocks, make_queue(self.config), SchedulerLimits(
+            max_running=self.config.max_batch_size,
+            max_tokens=self.config.max_num_batched_tokens,
+            watermark=self.pool_plan.watermark_blocks,
+        ))
+        self.runner = Runner(loaded, self.pool, self.pool_plan.backend)
+        self.output = OutputProcessor(release=lambda rid: self._post("release", rid))
         self.alive = True
         self.fatal_error: BaseException | None = None
         self.first_logits: dict[str, torch.Tensor] = {}  # request id -> [vocab] (record_logits)
         self.steps = self.tokens_generated = 0
         self.busy_s = self.forward_s = 0.0  # see EngineStats
+        self._failed_steps = 0  # consecutive steps whose every request failed alone
         self._eos = eos_ids(loaded)
+        self._generator = torch.Generator(device=loaded.device)  # unseeded sampling rows
+        self._generator.manual_seed(random.SystemRandom().getrandbits(63))
         self._live: dict[str, Live] = {}  # engine thread only
-        self._outbox = Outbox()
+        self._out: list[Item] = []  # this iteration's results for the output thread
         self._lock = threading.Lock()  # guards the fields below (shared with callers)
         self._inbox: list[tuple[str, object]] = []
         self._ids: set[str] = set()  # ids of requests not yet finished
-        self._waiting = 0  # submitted, not yet admitted into a slot
+        self._queued: Counter[str] = Counter()  # tenant -> submitted, never admitted yet
         self._closing = self._stopped = False
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="prefix-serve-engine", daemon=True)
+        log.info("KV pool: %s", self.pool_plan.describe())
 
     # -- caller side (any thread; submit on the asyncio loop) ----------------------------------
 
     def start(self) -> None:
+        self.output.start()
         self._thread.start()
 
     def submit(self, spec: EngineRequest) -> RequestStream:
@@ -80,34 +96,48 @@ class Engine:
         self._check_open()
         checks.check_sampling(spec.sampling)
         ids = checks.prompt_ids(spec, self.loaded.tokenizer, self.loaded.fingerprint.vocab_size)
-        checks.check_context(spec, len(ids), self.pool.shape.slot_len)
+        checks.check_fits(spec, len(ids), self.pool_plan)
+        checks.check_tenant(spec.tenant)
         request = Request(spec.request_id or f"req-{next(_ids)}", spec, ids)
         stream = RequestStream(request.request_id, loop, self.cancel)
+        tenant = spec.tenant
         with self._lock:
             self._check_open()
-            if self._waiting >= self.config.max_queue:
+            if self._queued.total() >= self.config.max_queue:
                 raise OverloadedError("the engine's queue is full; retry shortly", retry_after=1.0)
+            if tenant.max_queued is not None and self._queued[tenant.name] >= tenant.max_queued:
+                raise OverloadedError(
+                    f"tenant {tenant.name!r} already has {tenant.max_queued} requests queued "
+                    "(its quota); retry shortly", retry_after=1.0,
+                )
             if request.request_id in self._ids:
                 raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
             self._ids.add(request.request_id)
-            self._waiting += 1
+            self._queued[tenant.name] += 1
             self._inbox.append(("submit", (request, stream)))
         self._wake.set()
         return stream
 
     def cancel(self, request_id: str) -> None:
-        """The request leaves the batch at the next step (no-op when already finished)."""
+        """The request leaves at the next step and frees its blocks (no-op when finished)."""
         self._post("cancel", request_id)
 
     def stats(self) -> EngineStats:
-        cache = self.prefix_cache.stats()
+        blocks = self.blocks.stats()
+        per_block = self.pool_plan.bytes_per_block
         return EngineStats(
-            running=len(self.scheduler.rows), waiting=self._waiting,
-            free_slots=self.scheduler.free_slots, total_slots=self.pool.num_slots,
-            tokens_generated=self.tokens_generated, prefix_cache_hits=cache.hits,
-            prefix_cache_misses=cache.misses, prefix_cache_evictions=cache.evictions,
-            prefix_cache_bytes=cache.bytes, prefix_cache_entries=cache.entries, steps=self.steps,
-            busy_s=self.busy_s, forward_s=self.forward_s,
+            running=len(self.scheduler.running),
+            waiting=self._queued.total() + self.scheduler.requeued,
+            tokens_generated=self.tokens_generated, prefix_cache_hits=blocks.prefix_hits,
+            prefix_cache_misses=blocks.prefix_misses,
+            prefix_cache_evictions=blocks.prefix_evictions,
+            prefix_cache_bytes=blocks.prefix * per_block,
+            prefix_cache_entries=blocks.prefix_entries,
+            steps=self.steps, busy_s=self.busy_s, forward_s=self.forward_s,
+            kv_blocks_total=blocks.total, kv_blocks_used=blocks.used,
+            kv_blocks_prefix=blocks.prefix, kv_block_size=self.blocks.block_size,
+            kv_cache_bytes=self.pool.nbytes, preemptions=self.scheduler.preemptions,
+            tenant_service=self.scheduler.queue.counters(),
         )
 
     async def shutdown(self, grace_s: float) -> None:
@@ -120,13 +150,13 @@ class Engine:
         await asyncio.to_thread(self.shutdown_now)
 
     def shutdown_now(self) -> None:
-        """Cancel everything and stop the thread (blocking)."""
+        """Cancel everything and stop the threads (blocking)."""
         with self._lock:
             self._closing = True
         self._post("stop", None)
         if self._thread.is_alive():
             self._thread.join()
-        else:
+        elif not self._stopped:
             self._stop_all()  # never started or already dead: finish whoever is left here
 
     def _check_open(self) -> None:
@@ -158,87 +188,136 @@ class Engine:
     def step(self) -> None:
         """One iteration: take new work, schedule, run the model once, hand out tokens."""
         self._drain_inbox()
-        for request in self.scheduler.admit(now()):
-            self._admit(request)
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(now())
         if not plan.empty:
             started = now()
-            rows, logits, failed = self._run(plan)
-            self.forward_s += now() - started
+            work, tokens = self._run(plan)
             self.scheduler.commit(plan)
-            self._update(rows, logits, failed)
+            self._update(work, tokens)
             self.steps += 1
             self.busy_s += now() - started
-        self._outbox.flush()
+        self._flush()
 
-    def _run(
-        self, plan: StepPlan
-    ) -> tuple[list[Request], torch.Tensor | None, list[tuple[Request, BaseException]]]:
-        """Decode every running row once, then this step's prefill chunks (one forward each).
-        Returns the requests that get a token, their logits [rows, vocab], and failed chunks."""
-        rows, parts = list(plan.decode), []
-        failed: list[tuple[Request, BaseException]] = []
-        if plan.decode:
-            parts.append(self.runner.decode(plan))
-        for chunk in plan.prefill:
+    def _run(self, plan: StepPlan) -> tuple[list[Work], list[int]]:
+        """Write new prefixes, then one forward and sampling for the step's work. A failure a
+        request caused fails that request alone. Returns the sampling work and its tokens."""
+        self._count_admitted(plan)
+        self.pool.prepare(self.blocks.high_water)  # blocks handed out for the first time
+        work = self._write_prefixes(plan)
+        try:
+            return self._forward(work)
+        except _FATAL:
+            raise
+        except Exception:  # noqa: BLE001 - find the request(s) at fault, run the others alone
+            log.warning("a step failed; running its %d requests one by one", len(work))
+            return self._isolate(work)
+
+    def _forward(self, work: list[Work]) -> tuple[list[Work], list[int]]:
+        started = now()
+        logits = self.runner.run(work)  # [samplers, vocab]
+        samplers = [w for w in work if w.samples]
+        lives = [self._live[w.request.request_id] for w in samplers]
+        if self.config.record_logits:
+            for live, row in zip(lives, logits, strict=True):
+                if not live.request.output_ids:
+                    self.first_logits[live.request.request_id] = row.detach().cpu().clone()
+        tokens = sample(logits, [live.request.sampling for live in lives],
+                        [live.generator for live in lives], self._generator)
+        token_ids: list[int] = tokens.tolist()  # the step's one device -> host sync
+        self.forward_s += now() - started
+        return samplers, token_ids
+
+    def _isolate(self, work: list[Work]) -> tuple[list[Work], list[int]]:
+        """Run each request of a failed step alone; those that fail alone fail. When all of them
+        do, the fault is not theirs (several in one step, or steps in a row): the engine dies."""
+        samplers: list[Work] = []
+        tokens: list[int] = []
+        failed: list[tuple[Work, Exception]] = []
+        for item in work:
             try:
-                logits = self.runner.prefill(chunk)
-            except Exception as exc:  # noqa: BLE001 - one request's prompt failed, not the batch
-                failed.append((chunk.request, exc))
+                done, ids = self._forward([item])
+            except _FATAL:
+                raise
+            except Exception as exc:  # noqa: BLE001 - this request's own failure, so far
+                failed.append((item, exc))
                 continue
-            if chunk.completes_prompt:
-                rows.append(chunk.request)
-                parts.append(logits[None])
-                if self.config.record_logits:
-                    self.first_logits[chunk.request.request_id] = logits.detach().cpu().clone()
-        return rows, (torch.cat(parts) if parts else None), failed
+            samplers.extend(done)
+            tokens.extend(ids)
+        self._failed_steps = self._failed_steps + 1 if len(failed) == len(work) else 0
+        if failed and len(failed) == len(work) and (len(work) > 1 or self._failed_steps >= 3):
+            cause = failed[0][1]
+            raise FatalEngineError(f"every request of the step failed alone: {cause!r}") from cause
+        for item, error in failed:
+            log.warning("request %s failed: %r", item.request.request_id, error)
+            self._finish(self._live[item.request.request_id], FinishReason.ERROR,
+                         serve_error(error))
+        return samplers, tokens
 
-    def _update(
-        self,
-        rows: list[Request],
-        logits: torch.Tensor | None,
-        failed: list[tuple[Request, BaseException]],
-    ) -> None:
-        if logits is not None:
-            lives = [self._live[r.request_id] for r in rows]
-            gens = [live.generator for live in lives]
-            tokens = sample(logits, [r.sampling for r in rows], gens)
-            for live, token in zip(lives, tokens, strict=True):
+    def _write_prefixes(self, plan: StepPlan) -> list[Work]:
+        """Compute and write the K/V of prefixes new to the pool; a prefix that fails fails its
+        requests. Returns the plan's work without theirs."""
+        failed: set[str] = set()
+        for entry in plan.new_prefixes:
+            holders = [w.request for w in plan.work if w.request.prefix is entry]
+            try:
+                source = holders[0].spec.prefix
+                assert source is not None
+                keys, values = prefix_keys_values(self.loaded, source)
+                self.pool.write_prefix(entry.blocks, keys, values)
+                entry.written = True
+            except _FATAL:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bad prefix fails its own requests only
+                self._fail_prefix(entry, holders, serve_error(exc))
+                failed.update(r.request_id for r in holders)
+        return [w for w in plan.work if w.request.request_id not in failed]
+
+    def _fail_prefix(self, entry: PrefixBlocks, holders: list[Request], error: ServeError) -> None:
+        for request in holders:
+            self._finish(self._live[request.request_id], FinishReason.ERROR, error)
+        self.blocks.drop_prefix(entry)
+
+    def _update(self, samplers: list[Work], tokens: list[int]) -> None:
+        for item, token in zip(samplers, tokens, strict=True):
+            live = self._live.get(item.request.request_id)
+            if live is not None:
                 self._accept(live, token)
-        for request, exc in failed:
-            self._finish(self._live[request.request_id], FinishReason.ERROR, serve_error(exc))
 
     def _accept(self, live: Live, token: int) -> None:
-        """Append one sampled token: stream its text, finish on stop / length."""
+        """Append one sampled token; finish on a stop id, EOS or the length limit."""
         request = live.request
         request.output_ids.append(token)
         request.first_token_at = request.first_token_at or now()
         self.tokens_generated += 1
-        live.unsent.append(token)
-        if token in request.sampling.stop_token_ids or (
-            token in self._eos and not request.sampling.ignore_eos
-        ):
-            return self._finish(live, FinishReason.STOP)
-        text = live.detokenizer.push(token)
-        if text:
-            self._emit(live, text)
-        if live.detokenizer.stopped:
-            self._finish(live, FinishReason.STOP)
-        elif len(request.output_ids) >= request.sampling.max_new_tokens:
-            self._finish(live, FinishReason.LENGTH)
+        self.scheduler.generated(request)
+        sampling = request.sampling
+        if token in sampling.stop_token_ids or (token in self._eos and not sampling.ignore_eos):
+            self._out.append(Tokens(live, (token,), FinishReason.STOP, silent_last=True))
+            return self._leave(live)
+        if len(request.output_ids) >= sampling.max_new_tokens:
+            self._out.append(Tokens(live, (token,), FinishReason.LENGTH))
+            return self._leave(live)
+        self._out.append(Tokens(live, (token,)))
 
-    def _emit(self, live: Live, text: str) -> None:
-        self._outbox.put(live.stream, TextDelta(text, tuple(live.unsent)))
-        live.unsent = []
+    def _count_admitted(self, plan: StepPlan) -> None:
+        if plan.admitted:
+            with self._lock:
+                for request in plan.admitted:
+                    self._queued[request.tenant.name] -= 1
 
     def _drain_inbox(self) -> None:
-        with self._lock:
-            items, self._inbox = self._inbox, []
+        items = self._take_inbox()
         handlers: dict[str, Callable[[object], None]] = {
-            "submit": self._enqueue, "cancel": self._cancel, "stop": self._stop,
+            "submit": self._enqueue, "cancel": self._cancel, "release": self._release,
+            "stop": self._stop,
         }
         for kind, item in items:
             handlers[kind](item)
+
+    def _take_inbox(self) -> list[tuple[str, object]]:
+        with self._lock:
+            items, self._inbox = self._inbox, []
+        return items
 
     def _enqueue(self, item: object) -> None:
         request, stream = cast(tuple[Request, RequestStream], item)
@@ -254,6 +333,12 @@ class Engine:
         if live is not None:
             self._finish(live, FinishReason.CANCELLED)
 
+    def _release(self, item: object) -> None:
+        """The output thread ended the request (a stop string): free what it holds."""
+        live = self._live.get(str(item))
+        if live is not None:
+            self._leave(live)
+
     def _stop(self, item: object) -> None:
         self._stopped = True
         self._stop_all()
@@ -264,49 +349,27 @@ class Engine:
                 self._enqueue(item)
         for live in list(self._live.values()):
             self._finish(live, FinishReason.CANCELLED)
-        self._outbox.flush()
+        self._flush()
+        self._stopped = True
+        self.output.stop()
 
-    def _take_inbox(self) -> list[tuple[str, object]]:
-        with self._lock:
-            items, self._inbox = self._inbox, []
-        return items
+    def _finish(self, live: Live, reason: FinishReason, error: ServeError | None = None) -> None:
+        self._leave(live)
+        self._out.append(Finish(live, reason, error))
 
-    def _admit(self, request: Request) -> None:
-        """A slot was given: count it out of the queue and place the prefix K/V into it."""
-        with self._lock:
-            self._waiting -= 1
-        live = self._live[request.request_id]
-        if request.spec.prefix is None:
-            return
-        try:
-            keys, values, live.holds_prefix = self.prefix_cache.lookup(
-                self.loaded, request.spec.prefix
-            )
-        except Exception as exc:  # noqa: BLE001 - a bad prefix fails its own request only
-            return self._finish(live, FinishReason.ERROR, serve_error(exc))
-        self.pool.write_prefix(request.slot, keys, values)
-        request.num_computed = request.prefix_len
-
-    def _finish(
-        self, live: Live, reason: FinishReason, error: ServeError | None = None
-    ) -> None:
+    def _leave(self, live: Live) -> None:
+        """Take the request out of the engine: its blocks return to the pool at once."""
         request = live.request
         with self._lock:
             self._ids.discard(request.request_id)
-            if request.status is Status.WAITING:
-                self._waiting -= 1
-        move = self.scheduler.finish(request)
-        if move is not None:
-            self.pool.move(move)
-        if live.holds_prefix and request.spec.prefix is not None:
-            self.prefix_cache.release(request.spec.prefix)
+            if request.status is Status.WAITING and request.admitted_at is None:
+                self._queued[request.tenant.name] -= 1
+        self.scheduler.finish(request)
         del self._live[request.request_id]
-        request.finish_reason = reason
-        completed = reason in (FinishReason.STOP, FinishReason.LENGTH)
-        rest = live.detokenizer.flush() if completed else ""
-        if completed and (rest or live.unsent):
-            self._emit(live, rest)
-        self._outbox.put(live.stream, live.finished(reason, now(), error))
+
+    def _flush(self) -> None:
+        items, self._out = self._out, []
+        self.output.put(items)
 
     def _die(self, exc: BaseException) -> None:
         """A fatal error: every caller gets Finished(error, engine_dead) now; submit refuses."""
@@ -317,7 +380,8 @@ class Engine:
         for kind, item in self._take_inbox():
             if kind == "submit":
                 self._enqueue(item)
-        for live in list(self._live.values()):
-            self._outbox.put(live.stream, live.finished(FinishReason.ERROR, now(), dead))
+        self._out = [Finish(live, FinishReason.ERROR, dead) for live in self._live.values()]
         self._live.clear()
-        self._outbox.flush()
+        self._flush()
+        self._stopped = True
+        self.output.stop()

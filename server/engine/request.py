@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from prefix_registry.fingerprint import ModelFingerprint
+    from server.engine.block_manager import PrefixBlocks
 
 
 @dataclass(frozen=True)
@@ -128,9 +129,8 @@ def now() -> float:
 class Status(enum.Enum):
     """Where a request is inside the engine."""
 
-    WAITING = "waiting"  # queued; holds no KV slot
-    PREFILL = "prefill"  # holds a slot; prompt tokens still being computed (in chunks)
-    DECODE = "decode"  # prompt done; one token per step
+    WAITING = "waiting"  # queued (new, or preempted); holds no KV blocks
+    RUNNING = "running"  # holds KV blocks; computes its tokens (prompt in chunks, then one a step)
     FINISHED = "finished"
 
 
@@ -138,8 +138,11 @@ class Status(enum.Enum):
 class Request:
     """One request's state inside the engine: one status plus counters (engine thread only).
 
-    Its KV slot holds `[prefix K/V (prefix_len) | prompt | generated]`; column `c` of the slot is
-    the token at position id `c`. `num_computed` columns are filled so far.
+    Its own tokens are `prompt_ids + output_ids`; own token `i` has position id `prefix_len + i`
+    (the prefix's tokens come first, PEFT's convention) and sits in slot `i` of its block table
+    `blocks`. The prefix's K/V live in shared blocks (`prefix`). `num_computed` own tokens have
+    their K/V in the cache; once it reaches `num_tokens`, the last token's logits give the next
+    output token. A preempted request loses its blocks and recomputes its tokens on return.
     """
 
     request_id: str
@@ -147,12 +150,14 @@ class Request:
     prompt_ids: list[int]
     arrival: float = field(default_factory=now)
     status: Status = Status.WAITING
-    slot: int = -1  # row of the KV pool; -1 while waiting
-    num_computed: int = 0  # filled slot columns: prefix + computed prompt + fed-back outputs
+    num_computed: int = 0  # own tokens whose K/V are in the cache
     output_ids: list[int] = field(default_factory=list)
-    admitted_at: float | None = None
+    blocks: list[int] = field(default_factory=list)  # own block table (KV pool block ids)
+    prefix: PrefixBlocks | None = None  # the shared prefix blocks it holds while running
+    admitted_at: float | None = None  # first admission (a preempted request keeps it)
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None
+    preemptions: int = 0
 
     @property
     def prefix_len(self) -> int:
@@ -163,21 +168,25 @@ class Request:
         return self.spec.sampling
 
     @property
-    def prompt_done(self) -> int:
-        """Prompt tokens whose K/V are in the slot."""
-        return min(max(self.num_computed - self.prefix_len, 0), len(self.prompt_ids))
+    def tenant(self) -> TenantShare:
+        return self.spec.tenant
 
     @property
-    def prompt_left(self) -> int:
-        return len(self.prompt_ids) - self.prompt_done
+    def num_tokens(self) -> int:
+        """Own tokens known so far: the prompt plus what was generated."""
+        return len(self.prompt_ids) + len(self.output_ids)
 
     @property
-    def max_columns(self) -> int:
-        """Slot columns this request can ever need (the last sampled token is never fed back)."""
-        return self.prefix_len + len(self.prompt_ids) + self.sampling.max_new_tokens - 1
+    def tokens_left(self) -> int:
+        """Own tokens whose K/V are still to compute before the next token can be sampled."""
+        return self.num_tokens - self.num_computed
 
-    def usage(self) -> Usage:
-        return Usage(len(self.prompt_ids), len(self.output_ids), self.prefix_len)
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Own tokens [start, end) (prompt, then outputs)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[max(start - n, 0) : end - n]
 
     def timings(self, end: float) -> Timings:
         queued = (self.admitted_at if self.admitted_at is not None else end) - self.arrival

@@ -1,13 +1,13 @@
-"""Next-token choice for each row of a mixed batch: greedy, temperature, top-k, top-p.
+"""Next-token choice for every sampled row of a step at once: greedy, temperature, top-k, top-p.
 
-Every sampled row draws from its own distribution with its own `torch.Generator` (seeded by the
-request's `seed`, or randomly), so a seeded request gives the same tokens whatever else shares
-the batch. Greedy rows (temperature 0) are one batched argmax.
+All rows are handled with batched tensor operations; the result stays on the device and the
+caller moves it to the host once per step. A request with a `seed` draws from its own
+`torch.Generator`, so its tokens do not depend on what else shares the batch; unseeded rows share
+the engine's generator and draw together. A row whose logits hold NaN/inf has no distribution to
+draw from and takes its best finite token instead of failing the batch.
 """
 
 from __future__ import annotations
-
-import random
 
 import torch
 
@@ -23,12 +23,11 @@ def is_greedy(params: SamplingParams) -> bool:
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """The request's own random stream; None for greedy requests (they never draw)."""
-    if is_greedy(params):
+    """The request's own random stream when it has a seed (None otherwise)."""
+    if is_greedy(params) or params.seed is None:
         return None
-    seed = params.seed if params.seed is not None else random.SystemRandom().getrandbits(63)
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed)
+    generator.manual_seed(params.seed)
     return generator
 
 
@@ -36,22 +35,31 @@ def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-) -> list[int]:
-    """logits: float32 [rows, vocab]; one token id per row."""
-    tokens: list[int] = logits.argmax(dim=-1).tolist()
+    shared: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits: float32 [rows, vocab] -> token ids [rows] (long, on the logits' device)."""
+    tokens = _best(logits)
     rows = [i for i, p in enumerate(params) if not is_greedy(p)]
     if rows:
         index = torch.tensor(rows, device=logits.device)
-        picked = _draw(logits[index], [params[i] for i in rows], [generators[i] for i in rows])
-        for i, token in zip(rows, picked, strict=True):
-            tokens[i] = token
+        drawn = _draw(logits[index], [params[i] for i in rows], [generators[i] for i in rows],
+                      shared)
+        tokens = tokens.index_copy(0, index, drawn)
     return tokens
 
 
+def _best(logits: torch.Tensor) -> torch.Tensor:
+    """Argmax per row, ignoring NaN (a NaN would otherwise win argmax)."""
+    return torch.nan_to_num(logits, nan=float("-inf")).argmax(dim=-1)
+
+
 def _draw(
-    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> list[int]:
-    """Sample each row of logits [rows, vocab] from its own filtered distribution."""
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    shared: torch.Generator | None,
+) -> torch.Tensor:
+    """Sample each row of logits [rows, vocab] from its own filtered distribution -> [rows]."""
     device = logits.device
     temperature = torch.tensor([p.temperature for p in params], device=device)
     scaled = logits / temperature[:, None]
@@ -62,17 +70,30 @@ def _draw(
         probs = _filter_sorted(scaled, params)
     else:
         probs = torch.softmax(scaled, dim=-1)
-    # A row whose logits hold NaN/inf has no distribution to draw from: it takes its best
-    # token instead of failing the whole batch inside multinomial.
     usable = (probs.isfinite() & (probs >= 0)).all(dim=-1) & (probs.sum(dim=-1) > 0)
-    tokens = []
-    for row, generator in enumerate(generators):
-        if usable[row]:
-            j = int(torch.multinomial(probs[row], 1, generator=generator))
-        else:
-            j = int(torch.nan_to_num(scaled[row], nan=float("-inf")).argmax())
-        tokens.append(j if order is None else int(order[row, j]))
-    return tokens
+    probs = torch.where(usable[:, None], probs, torch.ones_like(probs))  # drawable everywhere
+    picked = _multinomial(probs, generators, shared)
+    picked = torch.where(usable, picked, _best(scaled))
+    if order is not None:
+        picked = order.gather(1, picked[:, None])[:, 0]
+    return picked
+
+
+def _multinomial(
+    probs: torch.Tensor, generators: list[torch.Generator | None], shared: torch.Generator | None
+) -> torch.Tensor:
+    """One draw per row: seeded rows from their own generator, the others together."""
+    own = [i for i, g in enumerate(generators) if g is not None]
+    if not own:
+        return torch.multinomial(probs, 1, generator=shared)[:, 0]
+    picked = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    for i in own:
+        picked[i] = torch.multinomial(probs[i], 1, generator=generators[i])[0]
+    rest = [i for i, g in enumerate(generators) if g is None]
+    if rest:
+        index = torch.tensor(rest, device=probs.device)
+        picked[index] = torch.multinomial(probs[index], 1, generator=shared)[:, 0]
+    return picked
 
 
 def _top_k(params: SamplingParams, vocab: int) -> int:
@@ -90,7 +111,7 @@ def _filter_sorted(scaled: torch.Tensor, params: list[SamplingParams]) -> torch.
     probs = torch.softmax(scaled.masked_fill(ranks[None, :] >= k[:, None], float("-inf")), dim=-1)
     # Keep the smallest head whose mass reaches top_p: drop tokens whose preceding mass already
     # does. The best token always stays (nothing precedes it).
-    top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params])
-    top_p = top_p.to(device)
+    top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in params],
+                         device=device)
     preceding = probs.cumsum(dim=-1) - probs
     return probs.masked_fill(preceding >= top_p[:, None], 0.0)

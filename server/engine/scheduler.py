@@ -1,130 +1,172 @@
-"""Who runs this step: admission, the prefill token budget, slot layout. Pure Python, no torch.
+"""Who runs this step, and how many of their tokens: admission under a token budget, KV blocks,
+preemption. Pure Python, no torch.
 
-The scheduler decides with requests, ids and counts; the runner turns its `StepPlan` into tensors
-and the KV pool executes its `Move`s. Running requests always occupy the pool rows `[0, n)` (the
-slot table is kept compact), so the decode forward reads one contiguous slice of the pool.
+Every step is one packed forward of at most `max_tokens` tokens: first one token for each
+running request that is decoding (oldest first), then prompt chunks of running requests still
+prefilling, then new requests admitted from the wait queue (whose order is the fairness policy's)
+while the budget, the running cap and the KV blocks allow. A request whose next tokens need a
+block when none is free takes it from the newest running request, which is preempted: its blocks
+are freed and it waits again, first in its tenant's line, to recompute its tokens on return.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter
 from dataclasses import dataclass, field
 
+from server.engine.block_manager import BlockManager, PrefixBlocks
+from server.engine.fairness import WaitQueue
 from server.engine.request import Request, Status
 
 
 @dataclass(frozen=True)
-class PrefillChunk:
-    request: Request
-    start: int  # first slot column written (= position id of the chunk's first token)
-    length: int  # prompt tokens computed by this chunk
+class Work:
+    """One request's share of a step: own tokens [start, start + length)."""
 
-    @property
-    def completes_prompt(self) -> bool:
-        return self.length == self.request.prompt_left
+    request: Request
+    start: int  # first own token computed this step (position id = prefix_len + start)
+    length: int  # own tokens computed this step (1 when decoding)
+    samples: bool  # it reaches the request's last known token, whose logits give the next one
+
+    @classmethod
+    def next_tokens(cls, request: Request, length: int) -> Work:
+        start = request.num_computed
+        return cls(request, start, length, start + length == request.num_tokens)
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    num_rows: int  # decode runs over pool rows [0, num_rows); rows still prefilling are masked
-    decode: list[Request] = field(default_factory=list)  # each feeds back its last token
-    prefill: list[PrefillChunk] = field(default_factory=list)  # <= chunk_tokens tokens in all
+    work: list[Work] = field(default_factory=list)  # decodes first, then prompt chunks
+    new_prefixes: list[PrefixBlocks] = field(default_factory=list)  # K/V to write first
+    preempted: list[Request] = field(default_factory=list)
+    admitted: list[Request] = field(default_factory=list)  # running for the first time
 
     @property
     def empty(self) -> bool:
-        return not self.decode and not self.prefill
+        return not self.work
 
 
 @dataclass(frozen=True)
-class Move:
-    """Copy the first `length` columns of pool row `src` into row `dst` (compaction)."""
-
-    src: int
-    dst: int
-    length: int
+class SchedulerLimits:
+    max_running: int  # requests running at once
+    max_tokens: int  # tokens per step (decode rows + prompt chunks)
+    watermark: int = 0  # blocks admission leaves free, so running requests can grow
 
 
 class Scheduler:
-    """FIFO admission into a fixed number of KV slots, chunked prefill under a token budget."""
-
-    def __init__(self, num_slots: int, chunk_tokens: int) -> None:
-        if num_slots < 1 or chunk_tokens < 1:
-            raise ValueError("num_slots and chunk_tokens must be >= 1")
-        self.num_slots = num_slots
-        self.chunk_tokens = chunk_tokens
-        self.waiting: deque[Request] = deque()  # arrival order; holds no slot
-        self.rows: list[Request] = []  # rows[i] holds pool row i; always compact
+    def __init__(self, blocks: BlockManager, queue: WaitQueue, limits: SchedulerLimits) -> None:
+        if limits.max_running < 1 or limits.max_tokens < limits.max_running:
+            raise ValueError("need max_running >= 1 and max_tokens >= max_running")
+        self.blocks, self.queue, self.limits = blocks, queue, limits
+        self.running: list[Request] = []  # admission order: oldest first
+        self.preemptions = 0
+        self.requeued = 0  # preempted requests waiting to run again
+        self._tenant_running: Counter[str] = Counter()
 
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.rows)
-
-    @property
-    def free_slots(self) -> int:
-        return self.num_slots - len(self.rows)
+        return bool(self.running) or len(self.queue) > 0
 
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
-        self.waiting.append(request)
+        self.queue.add(request)
 
-    def admit(self, now: float) -> list[Request]:
-        """Give slots to waiting requests (FIFO) while some are free and this step's prefill
-        budget is not already spoken for; the caller then places each one's prefix K/V."""
-        admitted: list[Request] = []
-        while self.waiting and self.free_slots and self._pending_prefill() < self.chunk_tokens:
-            request = self.waiting.popleft()
-            request.status, request.slot, request.admitted_at = Status.PREFILL, len(self.rows), now
-            self.rows.append(request)
-            admitted.append(request)
-        return admitted
-
-    def schedule(self) -> StepPlan:
-        """Every decoding request feeds one token; prefilling requests (oldest first) share
-        `chunk_tokens` prompt tokens."""
-        decode = [r for r in self.rows if r.status is Status.DECODE]
-        budget, chunks = self.chunk_tokens, []
-        for request in self._prefilling():
-            if budget == 0:
+    def schedule(self, now: float) -> StepPlan:
+        plan = StepPlan()
+        budget = self.limits.max_tokens
+        for decoding in (True, False):
+            for request in list(self.running):
+                if budget == 0:
+                    break
+                if request.status is Status.RUNNING and (request.tokens_left == 1) == decoding:
+                    budget -= self._continue(request, budget, plan)
+        while not plan.preempted and budget and len(self.running) < self.limits.max_running:
+            waiting = self.queue.next(self._eligible)
+            if waiting is None or not self._admit(waiting, budget, plan, now):
                 break
-            length = min(request.prompt_left, budget)
-            chunks.append(PrefillChunk(request, request.num_computed, length))
-            budget -= length
-        return StepPlan(num_rows=len(self.rows), decode=decode, prefill=chunks)
+            budget -= plan.work[-1].length
+        return plan
 
     def commit(self, plan: StepPlan) -> None:
-        """Record what the run computed: columns filled, prompts completed."""
-        for request in plan.decode:
-            request.num_computed += 1
-        for chunk in plan.prefill:
-            chunk.request.num_computed += chunk.length
-            if chunk.request.prompt_left == 0:
-                chunk.request.status = Status.DECODE
+        """The forward ran: the planned tokens' K/V are in the cache."""
+        for work in plan.work:
+            work.request.num_computed += work.length
 
-    def finish(self, request: Request) -> Move | None:
-        """Take `request` out (waiting or running). If it held a row that is not the last, the
-        last row moves into the hole; the returned `Move` must be applied to the pool."""
-        status, request.status = request.status, Status.FINISHED
-        if status is Status.WAITING:
-            self.waiting.remove(request)
-            return None
-        if status is Status.FINISHED:
-            return None
-        hole, last = request.slot, self.rows.pop()
-        request.slot = -1
-        if last is request:
-            return None
-        self.rows[hole] = last
-        move = Move(src=last.slot, dst=hole, length=last.num_computed)
-        last.slot = hole
-        return move
+    def generated(self, request: Request) -> None:
+        """`request` got one more output token (service for the fairness policy)."""
+        self.queue.generated(request, 1)
 
-    def _prefilling(self) -> list[Request]:
-        return sorted((r for r in self.rows if r.status is Status.PREFILL), key=_admission_order)
+    def finish(self, request: Request) -> None:
+        """Take `request` out, waiting or running, and free what it holds."""
+        if request.status is Status.WAITING:
+            self.queue.remove(request)
+            self.requeued -= request.admitted_at is not None
+        elif request.status is Status.RUNNING:
+            self._leave(request)
+        request.status = Status.FINISHED
 
-    def _pending_prefill(self) -> int:
-        return sum(r.prompt_left for r in self.rows if r.status is Status.PREFILL)
+    # -- internals ----------------------------------------------------------------------------
 
+    def _continue(self, request: Request, budget: int, plan: StepPlan) -> int:
+        """Plan a running request's next tokens, preempting newer ones for blocks if needed."""
+        length = min(request.tokens_left, budget)
+        while not self.blocks.grow(request.blocks, request.num_computed + length):
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is request:
+                return 0
+        plan.work.append(Work.next_tokens(request, length))
+        return length
 
-def _admission_order(request: Request) -> tuple[float, float]:
-    admitted = request.admitted_at if request.admitted_at is not None else request.arrival
-    return admitted, request.arrival
+    def _preempt(self, request: Request, plan: StepPlan) -> None:
+        refund = [w for w in plan.work if w.request is request]
+        for work in refund:
+            plan.work.remove(work)
+        self._leave(request)
+        request.status, request.num_computed = Status.WAITING, 0
+        request.preemptions += 1
+        self.preemptions += 1
+        plan.preempted.append(request)
+        self.requeued += 1
+        self.queue.requeue(request)
+
+    def _admit(self, request: Request, budget: int, plan: StepPlan, now: float) -> bool:
+        """Give `request` its prefix blocks and blocks for its first chunk, if they fit."""
+        reserve = self.limits.watermark
+        prefix = request.spec.prefix
+        entry = None
+        if prefix is not None:
+            key = (prefix.form, prefix.content_hash, prefix.prefix_len)
+            entry = self.blocks.acquire_prefix(key, reserve=reserve)
+            if entry is None:
+                return False
+        length = min(request.tokens_left, budget)
+        if not self.blocks.grow(request.blocks, length, reserve=reserve):
+            if entry is not None:
+                self.blocks.release_prefix(entry)
+            return False
+        if entry is not None and not entry.written and entry not in plan.new_prefixes:
+            plan.new_prefixes.append(entry)
+        if request.admitted_at is None:
+            request.admitted_at = now
+            plan.admitted.append(request)
+        else:
+            self.requeued -= 1
+        request.prefix, request.status = entry, Status.RUNNING
+        self.queue.admitted(request)
+        self.running.append(request)
+        self._tenant_running[request.tenant.name] += 1
+        plan.work.append(Work.next_tokens(request, length))
+        return True
+
+    def _leave(self, request: Request) -> None:
+        self.running.remove(request)
+        self._tenant_running[request.tenant.name] -= 1
+        self.blocks.free(request.blocks)
+        if request.prefix is not None:
+            self.blocks.release_prefix(request.prefix)
+            request.prefix = None
+
+    def _eligible(self, request: Request) -> bool:
+        cap = request.tenant.max_running
+        return cap is None or self._tenant_running[request.tenant.name] < cap

@@ -68,7 +68,7 @@ async def test_stop_strings_and_stop_tokens(load_tiny, monkeypatch) -> None:
     assert ignored.token_ids == full.token_ids
 
 
-async def test_cancel_leaves_the_batch_and_frees_the_slot(load_tiny) -> None:
+async def test_cancel_leaves_the_batch_and_frees_its_blocks(load_tiny) -> None:
     loaded = load_tiny("llama")
     async with running(loaded, max_batch_size=1) as engine:
         running_stream = engine.submit(_req(200))
@@ -81,20 +81,20 @@ async def test_cancel_leaves_the_batch_and_frees_the_slot(load_tiny) -> None:
             assert done.finished.finish_reason.value == "cancelled"
         assert done.finished.usage.completion_tokens == 0
         stats = engine.stats()
-        assert (stats.running, stats.waiting, stats.free_slots) == (0, 0, 1)
-        after = await engine.submit(_req(6)).collect()  # the slot is usable again
+        assert (stats.running, stats.waiting, stats.kv_blocks_used) == (0, 0, 0)
+        after = await engine.submit(_req(6)).collect()  # the room is usable again
         assert after.finished.finish_reason.value == "length"
 
 
-async def test_a_full_pool_queues_and_a_full_queue_refuses(load_tiny) -> None:
+async def test_a_full_batch_queues_and_a_full_queue_refuses(load_tiny) -> None:
     loaded = load_tiny("llama")
     engine = Engine(loaded, EngineConfig(max_batch_size=2, max_queue=3))
     streams = [engine.submit(_req(200)), engine.submit(_req(200)), engine.submit(_req(4))]
     assert engine.stats().waiting == 3
     engine.start()
     assert isinstance(await streams[0].__anext__(), TextDelta)
-    stats = engine.stats()  # both slots taken by the long requests: the third waits
-    assert (stats.total_slots, stats.running, stats.free_slots, stats.waiting) == (2, 2, 0, 1)
+    stats = engine.stats()  # the long requests fill the batch: the third waits
+    assert (stats.running, stats.waiting) == (2, 1)
     streams += [engine.submit(_req(4)), engine.submit(_req(4))]
     with pytest.raises(OverloadedError) as refused:
         engine.submit(_req(4))
@@ -168,24 +168,24 @@ async def test_a_bad_prefix_fails_alone(load_tiny) -> None:
     assert "same shapes, different model" in (results[0].finished.error_message or "")
 
 
-async def test_a_failure_in_one_prompt_fails_that_request_only(load_tiny) -> None:
+async def test_a_failure_one_request_causes_fails_that_request_only(load_tiny) -> None:
     loaded = load_tiny("llama")
     async with running(loaded) as engine:
-        prefill = engine.runner.prefill
+        run = engine.runner.run
 
-        def failing(chunk):
-            if chunk.request.request_id == "boom":
+        def failing(work):
+            if any(w.request.request_id == "boom" for w in work):
                 raise RuntimeError("bad input")
-            return prefill(chunk)
+            return run(work)
 
-        engine.runner.prefill = failing  # type: ignore[method-assign]
+        engine.runner.run = failing  # type: ignore[method-assign]
         ok = engine.submit(dataclasses.replace(_req(8), request_id="ok"))
         boom = engine.submit(dataclasses.replace(_req(8), request_id="boom"))
         failed, done = await boom.collect(), await ok.collect()
         assert failed.finished.finish_reason.value == "error"
         assert "bad input" in (failed.finished.error_message or "")
         assert done.token_ids == reference_greedy(loaded, PROMPT, None, 8)[0]
-        assert engine.alive and engine.stats().free_slots == engine.stats().total_slots
+        assert engine.alive and engine.stats().kv_blocks_used == 0
 
 
 async def test_a_replaced_prefix_never_serves_stale_kv(load_tiny) -> None:
@@ -205,15 +205,15 @@ async def test_a_fatal_error_reaches_every_caller(load_tiny) -> None:
         streams = [engine.submit(_req(200)) for _ in range(3)]
         assert isinstance(await streams[0].__anext__(), TextDelta)
 
-        def broken(plan):
+        def broken(work):
             raise RuntimeError("device lost")
 
-        engine.runner.decode = broken  # type: ignore[method-assign]
+        engine.runner.run = broken  # type: ignore[method-assign]
         for stream in streams:
             done = await asyncio.wait_for(stream.collect(), timeout=30)
             assert done.finished.finish_reason.value == "error"
             assert done.finished.error_type == "engine_dead"
-        assert not engine.alive and isinstance(engine.fatal_error, RuntimeError)
+        assert not engine.alive and "device lost" in repr(engine.fatal_error)
         with pytest.raises(FatalEngineError):
             engine.submit(_req())
 
@@ -235,24 +235,23 @@ async def test_shutdown_finishes_or_cancels_everyone(load_tiny) -> None:
     assert (await short.collect()).finished.finish_reason.value == "length"
 
 
-async def test_a_long_prompt_never_stalls_running_streams_beyond_one_chunk(load_tiny) -> None:
+async def test_a_long_prompt_never_stalls_running_streams(load_tiny) -> None:
     loaded = load_tiny("llama")
-    engine = Engine(loaded, EngineConfig(prefill_chunk_tokens=32))
-    log: list[tuple[int, str, int]] = []  # (step, kind, tokens)
-    decode, prefill = engine.runner.decode, engine.runner.prefill
-    engine.runner.decode = lambda plan: (  # type: ignore[method-assign]
-        log.append((engine.steps, "decode", len(plan.decode))) or decode(plan))
-    engine.runner.prefill = lambda chunk: (  # type: ignore[method-assign]
-        log.append((engine.steps, chunk.request.request_id, chunk.length)) or prefill(chunk))
+    engine = Engine(loaded, EngineConfig(max_batch_size=4, max_num_batched_tokens=32))
+    log: list[list[tuple[str, int]]] = []  # per step: (request id, tokens)
+    run = engine.runner.run
+    engine.runner.run = lambda work: (  # type: ignore[method-assign]
+        log.append([(w.request.request_id, w.length) for w in work]) or run(work))
     engine.start()
-    streaming = engine.submit(_req(60))
+    streaming = engine.submit(dataclasses.replace(_req(60), request_id="stream"))
     assert isinstance(await streaming.__anext__(), TextDelta)
     long = engine.submit(EngineRequest([3] * 200, SamplingParams(max_new_tokens=2),
                                        request_id="long"))
     await long.collect()
     engine.shutdown_now()
-    long_steps = sorted({step for step, kind, _ in log if kind == "long"})
-    assert len(long_steps) == 7  # 200 tokens in chunks of <= 32
-    for step in long_steps:
-        assert sum(n for s, kind, n in log if s == step and kind == "long") <= 32
-        assert (step, "decode", 1) in log  # the running stream got its token that step too
+    steps = [dict(step) for step in log if any(rid == "long" for rid, _ in step)]
+    assert sum(step["long"] for step in steps) == 200 + 1  # the prompt, then one decode
+    assert len(steps) == 8  # 200 prompt tokens in chunks of 31 (the budget minus one decode)
+    for step in steps:
+        assert sum(step.values()) <= 32
+        assert step.get("stream") == 1  # the running stream got its token in that step too

@@ -1,82 +1,148 @@
-"""The scheduler alone: admission, the prefill token budget, compact slots (no model, no torch)."""
+"""Scheduling decisions with ids and counts only (no model): budget, blocks, preemption."""
 
 from __future__ import annotations
 
-from server.engine.request import EngineRequest, Request, SamplingParams, Status
-from server.engine.scheduler import Move, Scheduler
+from server.engine.block_manager import BlockManager
+from server.engine.fairness import FifoQueue
+from server.engine.request import (
+    EngineRequest,
+    PrefixSource,
+    Request,
+    SamplingParams,
+    Status,
+    TenantShare,
+)
+from server.engine.scheduler import Scheduler, SchedulerLimits, StepPlan
+
+PREFIX = PrefixSource("hash", "p", 1, "kv", 6, {})
 
 
-def _request(rid: str, prompt_len: int, max_new: int = 4) -> Request:
-    spec = EngineRequest([1] * prompt_len, SamplingParams(max_new_tokens=max_new))
-    return Request(rid, spec, [1] * prompt_len)
+def _request(rid: str, prompt: int, *, prefix: PrefixSource | None = None,
+             tenant: TenantShare | None = None) -> Request:
+    spec = EngineRequest([1] * prompt, SamplingParams(max_new_tokens=50), prefix,
+                         tenant=tenant or TenantShare())
+    return Request(rid, spec, [1] * prompt)
 
 
-def _run_step(s: Scheduler, now: float = 0.0):
-    admitted = s.admit(now)
-    plan = s.schedule()
+def _scheduler(blocks: int = 64, block_size: int = 4, running: int = 8, tokens: int = 16,
+               watermark: int = 0) -> Scheduler:
+    return Scheduler(BlockManager(blocks, block_size), FifoQueue(),
+                     SchedulerLimits(running, tokens, watermark))
+
+
+def _step(s: Scheduler, *sampled: Request) -> StepPlan:
+    """Schedule, then pretend the forward ran and every sampling request got a token."""
+    plan = s.schedule(0.0)
     s.commit(plan)
-    for chunk in plan.prefill:
-        if chunk.request.status is Status.DECODE:
-            chunk.request.output_ids.append(7)
-    return admitted, plan
+    for work in plan.work:
+        if work.samples:
+            work.request.output_ids.append(7)
+    return plan
 
 
-def test_prefill_shares_the_token_budget_oldest_first() -> None:
-    s = Scheduler(num_slots=4, chunk_tokens=10)
-    a, b, c = _request("a", 7), _request("b", 6), _request("c", 3)
-    for r in (a, b, c):
+def _shares(plan: StepPlan) -> dict[str, int]:
+    return {w.request.request_id: w.length for w in plan.work}
+
+
+def test_prompts_are_chunked_under_the_token_budget_and_decodes_come_first() -> None:
+    s = _scheduler(tokens=16)
+    a, b = _request("a", 10), _request("b", 20)
+    s.add(a)
+    s.add(b)
+    assert _shares(_step(s)) == {"a": 10, "b": 6}
+    assert a.status is Status.RUNNING and a.output_ids == [7]
+    assert _shares(_step(s)) == {"a": 1, "b": 14}  # a decodes first, b's prompt continues
+    plan = _step(s)
+    assert _shares(plan) == {"a": 1, "b": 1}
+    assert [w.start for w in plan.work] == [11, 20]  # own token index fed this step
+
+
+def test_blocks_grow_with_the_request_and_return_when_it_finishes() -> None:
+    s = _scheduler(block_size=4)
+    a = _request("a", 3)
+    s.add(a)
+    _step(s)
+    assert a.blocks == [0]
+    _step(s)  # token 4 (index 3) still fits block 0
+    _step(s)  # index 4 needs a second block
+    assert a.blocks == [0, 1]
+    s.finish(a)
+    assert a.status is Status.FINISHED and a.blocks == [] and s.blocks.num_free == 64
+
+
+def test_requests_sharing_a_prefix_hold_its_blocks_once() -> None:
+    s = _scheduler(block_size=4)
+    requests = [_request(f"r{i}", 5, prefix=PREFIX) for i in range(3)]
+    for r in requests:
         s.add(r)
-    admitted, plan = _run_step(s)
-    # a (7) and b (6) are admitted; c waits: the step's budget is already spoken for.
-    assert admitted == [a, b] and [r.request_id for r in s.waiting] == ["c"]
-    assert [(ch.request.request_id, ch.start, ch.length) for ch in plan.prefill] == [
-        ("a", 0, 7), ("b", 0, 3)]
-    assert a.status is Status.DECODE and b.status is Status.PREFILL and b.num_computed == 3
-    admitted, plan = _run_step(s)
-    assert admitted == [c]
-    assert [(ch.request.request_id, ch.length) for ch in plan.prefill] == [("b", 3), ("c", 3)]
-    assert plan.decode == [a] and plan.num_rows == 3
-    assert sum(ch.length for ch in plan.prefill) <= 10
+    plan = s.schedule(0.0)
+    assert len(plan.new_prefixes) == 1  # written once, before the forward
+    entry = plan.new_prefixes[0]
+    assert entry.holders == 3 and all(r.prefix is entry for r in requests)
+    stats = s.blocks.stats()
+    assert stats.prefix == 2 and stats.used == 2 + 3 * 2  # 6-token prefix + 3 x 5 own tokens
 
 
-def test_long_prompt_is_cut_into_chunks_while_others_decode() -> None:
-    s = Scheduler(num_slots=2, chunk_tokens=8)
-    short, long = _request("short", 2), _request("long", 30)
-    s.add(short)
-    _run_step(s)
-    s.add(long)
-    steps = 0
-    while long.status is not Status.DECODE:
-        _, plan = _run_step(s)
-        steps += 1
-        assert plan.decode == [short]
-        assert sum(ch.length for ch in plan.prefill) <= 8
-    assert steps == 4  # 8 + 8 + 8 + 6
+def test_the_newest_request_is_preempted_when_blocks_run_out() -> None:
+    s = _scheduler(blocks=4, block_size=4, tokens=16)
+    old, new = _request("old", 7), _request("new", 7)
+    s.add(old)
+    s.add(new)
+    _step(s)  # 2 blocks each: the pool is full
+    assert s.blocks.num_free == 0
+    _step(s)  # each writes its 8th token: still in its second block
+    plan = _step(s)  # old needs a third block: new gives its blocks back
+    assert plan.preempted == [new] and _shares(plan) == {"old": 1}
+    assert new.status is Status.WAITING and new.num_computed == 0 and new.blocks == []
+    assert new.output_ids == [7, 7] and s.preemptions == 1  # its tokens are kept
+    s.finish(old)
+    plan = s.schedule(0.0)  # back first in line: recomputes prompt and outputs, then samples
+    assert _shares(plan) == {"new": 9} and plan.work[0].samples and plan.admitted == []
 
 
-def test_slots_are_bounded_and_stay_compact() -> None:
-    s = Scheduler(num_slots=3, chunk_tokens=100)
-    reqs = [_request(str(i), 2) for i in range(5)]
-    for r in reqs:
-        s.add(r)
-    _run_step(s)
-    assert [r.slot for r in reqs[:3]] == [0, 1, 2] and len(s.waiting) == 2
-    # Freeing a middle row moves the last row into the hole (its filled columns).
-    assert s.finish(reqs[0]) == Move(src=2, dst=0, length=reqs[2].num_computed)
-    assert reqs[2].slot == 0 and s.rows == [reqs[2], reqs[1]]
-    assert s.finish(reqs[1]) is None  # the last row: nothing to move
-    admitted, _ = _run_step(s)
-    assert admitted == reqs[3:] and [r.slot for r in admitted] == [1, 2]
-    assert [r.slot for r in s.rows] == [0, 1, 2]
+def test_a_request_preempts_itself_when_it_is_the_newest() -> None:
+    s = _scheduler(blocks=3, block_size=4, tokens=16)
+    old, new = _request("old", 8), _request("new", 4)
+    s.add(old)
+    s.add(new)
+    _step(s)
+    assert s.blocks.num_free == 0
+    plan = _step(s)  # both need a new block; old takes new's
+    assert plan.preempted == [new] and _shares(plan) == {"old": 1}
 
 
-def test_finishing_a_waiting_request_takes_it_out_of_the_queue() -> None:
-    s = Scheduler(num_slots=1, chunk_tokens=4)
+def test_admission_keeps_the_watermark_free_and_respects_the_running_cap() -> None:
+    s = _scheduler(blocks=5, block_size=4, running=8, watermark=2)
+    a, b = _request("a", 8), _request("b", 8)
+    s.add(a)
+    s.add(b)
+    assert _shares(_step(s)) == {"a": 8}  # b would leave fewer than 2 blocks free
+    s = _scheduler(running=1)
     a, b = _request("a", 2), _request("b", 2)
     s.add(a)
     s.add(b)
-    _run_step(s)
-    assert s.finish(b) is None and not s.waiting and b.status is Status.FINISHED
-    assert s.finish(b) is None  # twice is harmless
+    assert _shares(_step(s)) == {"a": 2}
+
+
+def test_a_tenant_at_its_running_cap_waits_while_others_are_admitted() -> None:
+    s = _scheduler(tokens=32)
+    capped = TenantShare("busy", max_running=1)
+    a, b = _request("a", 2, tenant=capped), _request("b", 2, tenant=capped)
+    c = _request("c", 2, tenant=TenantShare("light"))
+    for r in (a, b, c):
+        s.add(r)
+    assert _shares(_step(s)) == {"a": 2, "c": 2}
     s.finish(a)
-    assert not s.has_work and s.free_slots == 1
+    assert _shares(_step(s)) == {"c": 1, "b": 2}
+
+
+def test_a_cancelled_waiting_request_leaves_the_queue() -> None:
+    s = _scheduler(running=1)
+    a, b = _request("a", 2), _request("b", 2)
+    s.add(a)
+    s.add(b)
+    _step(s)
+    s.finish(b)
+    assert len(s.queue) == 0 and b.status is Status.FINISHED
+    s.finish(a)
+    assert not s.has_work

@@ -1,0 +1,166 @@
+"""Attention backends: one interface (prepare a step's metadata, then attend per layer).
+
+`TorchPagedAttention` is portable (CPU and CUDA), written with plain tensor operations and
+always tested:
+- rows with one query token (decoding) are attended *block by block*: every (row, block) pair the
+  row reads — its prefix blocks, then its own — is one item; scores of all items come from one
+  batched matmul, and a per-row softmax over the items (segment max, exp, segment sums) gives
+  each row its output. No row is padded to the longest one, so one long context costs only its
+  own blocks.
+- rows with several query tokens (prompt chunks) gather their blocks into one contiguous
+  sequence and run scaled-dot-product attention with a mask for causality and for the unused
+  tail of the prefix's last block.
+Exact up to floating-point summation order: every row reads exactly its own keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from server.engine.attention.layout import RowLayout, StepLayout
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, layout: StepLayout, device: torch.device) -> object:
+        """The step's metadata (tensors on `device`), built once and used by every layer."""
+        ...
+
+    def attend(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: object,
+        scale: float,
+    ) -> torch.Tensor:
+        """q [T, H, hd], pools [blocks, H_kv, bs, hd] (this step's K/V already written)
+        -> output [T, H, hd]."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Singles:
+    tokens: torch.Tensor  # [R] packed index of each one-token row's query
+    item_row: torch.Tensor  # [N] which row reads block item_block[i]
+    item_block: torch.Tensor  # [N]
+    item_valid: torch.Tensor  # [N, bs] bool: slots of that block the row sees
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    tokens: slice  # the row's queries in the packed batch
+    blocks: torch.Tensor  # [nb] its prefix blocks, then its own
+    visible: torch.Tensor  # [q, nb * bs] bool
+
+
+@dataclass(frozen=True)
+class _TorchMeta:
+    num_tokens: int
+    singles: _Singles | None
+    chunks: list[_Chunk]
+
+
+class TorchPagedAttention:
+    name = "torch"
+
+    def prepare(self, layout: StepLayout, device: torch.device) -> _TorchMeta:
+        bs = layout.block_size
+        singles = [r for r in layout.rows if r.query_len == 1]
+        chunks = [_chunk(r, bs, device) for r in layout.rows if r.query_len > 1]
+        return _TorchMeta(layout.num_tokens, _singles(singles, bs, device), chunks)
+
+    def attend(
+        self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, meta: object,
+        scale: float,
+    ) -> torch.Tensor:
+        assert isinstance(meta, _TorchMeta)
+        if meta.singles is not None and not meta.chunks:
+            return _attend_singles(q, k_pool, v_pool, meta.singles, scale)
+        out = torch.empty_like(q)
+        if meta.singles is not None:
+            s = meta.singles
+            out[s.tokens] = _attend_singles(q[s.tokens], k_pool, v_pool, s, scale)
+        for chunk in meta.chunks:
+            out[chunk.tokens] = _attend_chunk(q[chunk.tokens], k_pool, v_pool, chunk, scale)
+        return out
+
+
+def _singles(rows: list[RowLayout], bs: int, device: torch.device) -> _Singles | None:
+    if not rows:
+        return None
+    item_row: list[int] = []
+    item_block: list[int] = []
+    item_count: list[int] = []
+    for i, row in enumerate(rows):
+        for blocks, length in ((row.prefix_blocks, row.prefix_len), (row.own_blocks, row.own_len)):
+            for j in range(-(-length // bs)):
+                item_row.append(i)
+                item_block.append(blocks[j])
+                item_count.append(min(bs, length - j * bs))
+    host = torch.tensor([item_row, item_block, item_count], dtype=torch.long)
+    items = host.to(device, non_blocking=True)
+    tokens = torch.tensor([r.query_start for r in rows], dtype=torch.long).to(device)
+    valid = torch.arange(bs, device=device)[None, :] < items[2][:, None]
+    return _Singles(tokens, items[0], items[1], valid)
+
+
+def _chunk(row: RowLayout, bs: int, device: torch.device) -> _Chunk:
+    own_blocks = row.own_blocks[: -(-row.own_len // bs)]
+    blocks = torch.tensor(row.prefix_blocks + own_blocks, dtype=torch.long).to(device)
+    prefix_slots = torch.arange(len(row.prefix_blocks) * bs, device=device)
+    own_slots = torch.arange(len(own_blocks) * bs, device=device)
+    queries = row.own_start + torch.arange(row.query_len, device=device)
+    visible = torch.cat(
+        [
+            (prefix_slots < row.prefix_len).expand(row.query_len, -1),
+            own_slots[None, :] <= queries[:, None],  # causal over own tokens
+        ],
+        dim=1,
+    )
+    start = row.query_start
+    return _Chunk(slice(start, start + row.query_len), blocks, visible)
+
+
+def _attend_singles(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, s: _Singles, scale: float
+) -> torch.Tensor:
+    """q [R, H, hd] -> [R, H, hd]: softmax over each row's items, merged by segment sums."""
+    rows, heads, hd = q.shape
+    kv_heads = k_pool.shape[1]
+    group = heads // kv_heads
+    keys, values = k_pool[s.item_block], v_pool[s.item_block]  # [N, H_kv, bs, hd]
+    qi = q.view(rows, kv_heads, group, hd)[s.item_row]  # [N, H_kv, G, hd]
+    scores = (qi @ keys.transpose(-1, -2)).float() * scale  # [N, H_kv, G, bs]
+    scores = scores.masked_fill(~s.item_valid[:, None, None, :], float("-inf"))
+    index = s.item_row[:, None, None].expand(-1, kv_heads, group)
+    top = torch.full((rows, kv_heads, group), float("-inf"), device=q.device)
+    top = top.scatter_reduce(0, index, scores.amax(dim=-1), "amax")  # [R, H_kv, G]
+    weights = torch.exp(scores - top[s.item_row][..., None])  # [N, H_kv, G, bs]
+    total = torch.zeros_like(top).index_add_(0, s.item_row, weights.sum(dim=-1))
+    partial = (weights.to(values.dtype) @ values).float()  # [N, H_kv, G, hd]
+    out = torch.zeros(rows, kv_heads, group, hd, device=q.device).index_add_(0, s.item_row, partial)
+    return (out / total[..., None]).view(rows, heads, hd).to(q.dtype)
+
+
+def _attend_chunk(
+    q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, c: _Chunk, scale: float
+) -> torch.Tensor:
+    """One row's chunk of queries q [q, H, hd] over its gathered blocks -> [q, H, hd]."""
+    kv_heads, bs, hd = k_pool.shape[1:]
+    n = c.blocks.shape[0] * bs
+    keys = k_pool[c.blocks].transpose(0, 1).reshape(kv_heads, n, hd)  # [H_kv, S, hd]
+    values = v_pool[c.blocks].transpose(0, 1).reshape(kv_heads, n, hd)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys[None], values[None], attn_mask=c.visible[None, None],
+        scale=scale, enable_gqa=q.shape[1] != kv_heads,
+    )  # [1, H, q, hd]
+    return out[0].transpose(0, 1)
+
+
+def choose_backend(name: str, device: torch.device) -> AttentionBackend:
+    """The backend a setting names; "auto" picks the best one available for `device`."""
+    if name in ("auto", "torch"):
+        return TorchPagedAttention()
+    raise ValueError(f"unknown attention backend {name!r} (use auto or torch)")
