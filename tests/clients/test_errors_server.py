@@ -91,22 +91,22 @@ def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
 
 
 def hold_engine(server: LiveServer) -> threading.Event:
-    """Fault injection into the real engine: each decode step waits until the returned gate is
-    set (a stalled device), so requests stay in their slots and the queue fills for real."""
+    """Fault injection into the real engine: each step's forward waits until the returned gate
+    is set (a stalled device), so requests stay running and the queue fills for real."""
     gate, runner = threading.Event(), server.services.engine.runner
-    real_decode = runner.decode
+    real_run = runner.run
 
-    def decode(*args: Any, **kwargs: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
         gate.wait(timeout=30)
-        return real_decode(*args, **kwargs)
+        return real_run(*args, **kwargs)
 
-    runner.decode = decode  # type: ignore[method-assign]
+    runner.run = run  # type: ignore[method-assign]
     return gate
 
 
 @pytest.fixture
 def full_server(start_server: ServerFactory) -> Iterator[tuple[LiveServer, threading.Event]]:
-    """One slot, one queue place: a request holds the slot, another waits, so the next is 429."""
+    """One running place, one queue place: a request runs, another waits, so the next is 429."""
     server = start_server(max_batch_size=1, max_queue=1)
     gate = hold_engine(server)
     engine = server.services.engine
@@ -195,25 +195,25 @@ def test_real_503_when_the_registry_is_down(
     assert not ready.ok and ready.checks["registry"].startswith("unavailable")
 
 
-def break_engine_after(server: LiveServer, decodes: int) -> None:
-    """Fault injection into the real engine: its decode step raises after `decodes` calls,
-    which kills the engine loop (what a device failure does)."""
+def break_engine_after(server: LiveServer, forwards: int) -> None:
+    """Fault injection into the real engine: its forward raises a device error after `forwards`
+    calls, which kills the engine loop (what a device failure does)."""
     runner = server.services.engine.runner
-    real_decode, calls = runner.decode, [0]
+    real_run, calls = runner.run, [0]
 
-    def decode(*args: Any, **kwargs: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
         calls[0] += 1
-        if calls[0] > decodes:
-            raise RuntimeError("injected device failure")
-        return real_decode(*args, **kwargs)
+        if calls[0] > forwards:
+            raise torch.AcceleratorError("injected device failure")
+        return real_run(*args, **kwargs)
 
-    runner.decode = decode  # type: ignore[method-assign]
+    runner.run = run  # type: ignore[method-assign]
 
 
 def test_mid_stream_error_event_raises_mapped_class(
     server: LiveServer, admin: clients.PrefixClient, sleeps: list[float]
 ) -> None:
-    break_engine_after(server, decodes=2)
+    break_engine_after(server, forwards=3)
     stream = admin.stream(None, "the quick brown fox", max_new_tokens=50)
     received = []
     with pytest.raises(clients.ServiceUnavailableError) as info:
@@ -232,7 +232,7 @@ def test_mid_stream_error_event_raises_mapped_class(
 async def test_mid_stream_error_async(
     server: LiveServer, admin: clients.PrefixClient, sleeps: list[float]
 ) -> None:
-    break_engine_after(server, decodes=2)
+    break_engine_after(server, forwards=3)
     async with clients.AsyncPrefixClient(server.url, ADMIN_KEY) as client:
         stream = await client.stream(None, "the quick brown fox", max_new_tokens=50)
         received = []
