@@ -14,7 +14,7 @@ import torch
 from server.engine import Completion, EngineRequest, SamplingParams, TextDelta
 from tests.engine.helpers import make_prefix, reference_greedy, running
 
-FAMILIES = ["llama", "gpt2", "qwen3"]
+FAMILIES = ["llama", "gpt2", "qwen2", "qwen3", "gpt_neox"]
 
 
 def _workload(loaded, n: int = 16) -> list[EngineRequest]:

@@ -130,8 +130,9 @@ def _attend_singles(
     rows, heads, hd = q.shape
     kv_heads = k_pool.shape[1]
     group = heads // kv_heads
-    keys, values = k_pool[s.item_block], v_pool[s.item_block]  # [N, H_kv, bs, hd]
-    qi = q.view(rows, kv_heads, group, hd)[s.item_row]  # [N, H_kv, G, hd]
+    keys = k_pool.index_select(0, s.item_block)  # [N, H_kv, bs, hd]
+    values = v_pool.index_select(0, s.item_block)
+    qi = q.view(rows, kv_heads, group, hd).index_select(0, s.item_row)  # [N, H_kv, G, hd]
     scores = (qi @ keys.transpose(-1, -2)).float() * scale  # [N, H_kv, G, bs]
     scores = scores.masked_fill(~s.item_valid[:, None, None, :], float("-inf"))
     index = s.item_row[:, None, None].expand(-1, kv_heads, group)
@@ -150,8 +151,9 @@ def _attend_chunk(
     """One row's chunk of queries q [q, H, hd] over its gathered blocks -> [q, H, hd]."""
     kv_heads, bs, hd = k_pool.shape[1:]
     n = c.blocks.shape[0] * bs
-    keys = k_pool[c.blocks].transpose(0, 1).reshape(kv_heads, n, hd)  # [H_kv, S, hd]
-    values = v_pool[c.blocks].transpose(0, 1).reshape(kv_heads, n, hd)
+    # [nb, H_kv, bs, hd] -> [H_kv, S, hd]
+    keys = k_pool.index_select(0, c.blocks).transpose(0, 1).reshape(kv_heads, n, hd)
+    values = v_pool.index_select(0, c.blocks).transpose(0, 1).reshape(kv_heads, n, hd)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1)[None], keys[None], values[None], attn_mask=c.visible[None, None],
         scale=scale, enable_gqa=q.shape[1] != kv_heads,
