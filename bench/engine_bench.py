@@ -34,7 +34,9 @@ import torch
 from peft import PrefixTuningConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from bench.common import RESULTS, pct, synthetic_tokenizer
+from bench.common import RESULTS, Workload, pct, synthetic_tokenizer
+from bench.common import Row as WorkRow
+from bench.hf_static import static_batch
 from server.engine import (
     Engine,
     EngineConfig,
@@ -43,7 +45,6 @@ from server.engine import (
     PrefixSource,
     SamplingParams,
 )
-from server.engine.kv_pool import KVPool, PoolShape
 from server.models.loader import LoadedModel, load_model
 
 
@@ -103,7 +104,7 @@ async def engine_run(loaded: LoadedModel, rows: list[Row], sources: list[PrefixS
     """All rows submitted at once; wall time to the last Finished, TTFT and inter-delta gaps."""
     slot_len = max(len(r.prompt) for r in rows) + new_tokens + 64
     engine = Engine(loaded, EngineConfig(max_batch_size=len(rows), max_seq_len=slot_len,
-                                         prefill_chunk_tokens=chunk))
+                                         max_num_batched_tokens=max(chunk, len(rows))))
     engine.start()
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
     start = time.perf_counter()
@@ -136,44 +137,14 @@ async def engine_run(loaded: LoadedModel, rows: list[Row], sources: list[PrefixS
             "itl_p50_s": pct(gaps, 50), "itl_p99_s": pct(gaps, 99), "outputs": outputs}
 
 
-@torch.no_grad()
 def ideal_run(loaded: LoadedModel, rows: list[Row], sources: list[PrefixSource],
               new_tokens: int) -> dict:
-    """The floor: same rows, one static batch, preallocated cache, whole-prompt prefill."""
-    fp, dev, model = loaded.fingerprint, loaded.device, loaded.model
-    slot_len = max(len(r.prompt) for r in rows) + new_tokens + 64
-    pool = KVPool(PoolShape(fp.num_layers, fp.num_kv_heads, fp.head_dim, slot_len), len(rows),
-                  loaded.dtype, dev)
-    neg = torch.finfo(loaded.dtype).min
-    start = time.perf_counter()
-    firsts, lengths = [], []
-    for i, row in enumerate(rows):
-        source = sources[row.prefix]
-        pool.write_prefix(i, source.tensors["keys"], source.tensors["values"])
-        p, n = source.prefix_len, len(row.prompt)
-        pos = torch.arange(p, p + n, device=dev)
-        mask = torch.where(torch.arange(p + n, device=dev)[None, :] <= pos[:, None], 0.0, neg)
-        pool.cache.bind_prefill(i, p, n)
-        out = model(input_ids=torch.tensor([row.prompt], device=dev), position_ids=pos[None],
-                    attention_mask=mask[None, None].to(loaded.dtype), cache=pool.cache,
-                    use_cache=True, logits_to_keep=1)
-        firsts.append(int(out.logits[0, -1].argmax()))
-        lengths.append(p + n)
-    tokens, length = torch.tensor(firsts, device=dev), torch.tensor(lengths, device=dev)
-    rows_ix = torch.arange(len(rows), device=dev)
-    decode_start = time.perf_counter()
-    for _ in range(new_tokens - 1):
-        width = int(length.max()) + 1
-        visible = torch.arange(width, device=dev)[None, :] <= length[:, None]
-        mask = torch.where(visible, 0.0, neg).to(loaded.dtype)[:, None, None, :]
-        pool.cache.bind_decode(rows_ix, length, width)
-        out = model(input_ids=tokens[:, None], position_ids=length[:, None], attention_mask=mask,
-                    cache=pool.cache, use_cache=True, logits_to_keep=1)
-        tokens, length = out.logits[:, -1].argmax(-1), length + 1
-    end = time.perf_counter()
-    total = len(rows) * new_tokens
-    return {"tokens": total, "wall_s": end - start, "tok_s": total / (end - start),
-            "decode_tok_s": len(rows) * (new_tokens - 1) / (end - decode_start)}
+    """The floor: the same rows as one HF static batch (`bench/hf_static.py`), no engine."""
+    work = Workload([s.prefix_len for s in sources],
+                    [WorkRow(r.prompt, r.prefix) for r in rows], new_tokens)
+    result = static_batch(loaded.model, work, [s.tensors for s in sources])
+    return {"tokens": result.tokens, "wall_s": result.wall_s, "tok_s": result.tok_s,
+            "decode_tok_s": len(rows) * (new_tokens - 1) / result.decode_s}
 
 
 @torch.no_grad()
@@ -264,7 +235,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prefixes", type=int, default=16)
     parser.add_argument("--peft-requests", type=int, default=8,
                         help="requests timed for the one-at-a-time PEFT baseline")
-    parser.add_argument("--chunk", type=int, default=256, help="engine prefill_chunk_tokens")
+    parser.add_argument("--chunk", type=int, default=256, help="engine max_num_batched_tokens")
     parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
                         help="bfloat16 pays off only with hardware bf16 (AVX512-BF16/AMX, GPU)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")

@@ -11,8 +11,8 @@ import math
 
 from transformers import PreTrainedTokenizerBase
 
-from server.engine.memory import PoolPlan
 from server.engine.fairness import check_share
+from server.engine.memory import PoolPlan
 from server.engine.request import EngineRequest, SamplingParams, TenantShare
 from server.errors import ContextLengthError, InvalidRequestError
 

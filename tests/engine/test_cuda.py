@@ -69,7 +69,7 @@ async def run_alone_and_mixed(
     """Each request alone, then all of them in waves into 8 rows (so some queue); completions
     of both runs by request id and the first-step logits of both (ids `alone-*`, `mixed-*`)."""
     alone, mixed = {}, {}
-    async with running(loaded, max_batch_size=8, prefill_chunk_tokens=32,
+    async with running(loaded, max_batch_size=8, max_num_batched_tokens=32,
                        record_logits=True) as engine:
         for request in requests:
             solo = dataclasses.replace(request, request_id=f"alone-{request.request_id}")
@@ -125,7 +125,7 @@ async def test_seeded_sampling_is_reproducible_in_any_batch_on_cuda(load_cuda) -
     async with running(loaded) as engine:
         alone = await engine.submit(sampled).collect()
     others = workload(loaded, n=6)
-    async with running(loaded, max_batch_size=8, prefill_chunk_tokens=16) as engine:
+    async with running(loaded, max_batch_size=8, max_num_batched_tokens=16) as engine:
         streams = [engine.submit(r) for r in others[:3]]
         streams.append(engine.submit(sampled))
         streams += [engine.submit(r) for r in others[3:]]
