@@ -18,12 +18,14 @@ from prefix_registry import errors as reg
 from prefix_registry.fingerprint import ModelFingerprint
 from prefix_registry.store import PrefixStore, open_store
 from prefix_registry.validation import Limits
-from server.api import admin_prefixes, admin_tenants, generate, health, openai
+from server.api import admin_prefixes, admin_quotas, admin_tenants, generate, health, openai
 from server.api.auth import DEFAULT_TENANT, Authenticator
 from server.api.backend import EngineBackend, LocalBackend
 from server.api.errors import install_error_handlers
 from server.api.metrics import Metrics
 from server.api.middleware import RequestContextMiddleware
+from server.api.quotas import Quota, QuotaCache
+from server.api.rate_limit import TokenRateLimiter
 from server.api.resolver import PrefixResolver
 from server.api.state import Lifecycle, Services
 from server.engine.config import EngineConfig
@@ -61,7 +63,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
-    for module in (generate, openai, admin_prefixes, admin_tenants, health):
+    for module in (generate, openai, admin_prefixes, admin_tenants, admin_quotas, health):
         app.include_router(module.router)
     return app
 
@@ -82,13 +84,14 @@ async def start_services(
         engine = Engine(loaded, engine_config(settings))
     backend = LocalBackend(engine) if isinstance(engine, Engine) else engine
     backend.start()
-    metrics.watch_engine(backend.stats)
     auth = Authenticator(
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
         disabled=settings.auth_disabled, lookup=store.tenant_for_key_hash,
     )
+    quotas = QuotaCache(store, Quota.defaults(settings), settings.tenant_quota_ttl_s)
+    metrics.watch_engine(backend.stats, known=quotas.__contains__)
     services = Services(settings, loaded, backend, store, resolver, auth, metrics,
-                        Lifecycle(backend, settings.shutdown_grace_s),
+                        Lifecycle(backend, settings.shutdown_grace_s), quotas, TokenRateLimiter(),
                         engine=engine if isinstance(engine, Engine) else None)
     if settings.auth_disabled:
         await _development_mode(store)

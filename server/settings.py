@@ -123,6 +123,35 @@ class Settings(BaseSettings):
         default=64, ge=1, description="prefixes an engine replica keeps loaded and advertises "
         "to the router (Ray Serve multiplexing LRU)",
     )
+    # --- each tenant's quota, unless the operator set another (docs/tenants.md)
+    tenant_weight: float = Field(
+        default=1.0, ge=0.001, le=1000, description="fair-share weight of a tenant"
+    )
+    tenant_max_running: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="requests of one tenant running at once",
+        json_schema_extra={"metavar": "N", "shown_default": "unset: no cap"},
+    )
+    tenant_max_queued: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="requests of one tenant waiting; beyond "
+        "it that tenant gets 429", json_schema_extra={"metavar": "N",
+                                                      "shown_default": "unset: --max-queue"},
+    )
+    tenant_tokens_per_minute: int | None = Field(
+        default=None, ge=1, le=10**12, description="prompt + generated tokens per minute of one "
+        "tenant", json_schema_extra={"metavar": "N", "shown_default": "unset: no limit"},
+    )
+    tenant_max_prefixes: int | None = Field(
+        default=None, ge=0, le=10**9, description="prefix names one tenant may store",
+        json_schema_extra={"metavar": "N", "shown_default": "unset: no limit"},
+    )
+    tenant_max_stored_mb: float | None = Field(
+        default=None, ge=0, le=2**33, description="prefix tensor bytes one tenant may store (MiB)",
+        json_schema_extra={"metavar": "MIB", "shown_default": "unset: no limit"},
+    )
+    tenant_quota_ttl_s: float = Field(
+        default=5.0, ge=0, le=3600, description="how long a server uses a tenant's quota before "
+        "reading it from the registry again (a change made through this server applies at once)",
+    )
     # --- auth and lifecycle
     admin_key: SecretStr | None = Field(
         default=None, description="the operator key (prefer the variable: `ps` shows flags)",
@@ -170,6 +199,11 @@ class Settings(BaseSettings):
     @property
     def prefix_cache_bytes(self) -> int:
         return int(self.prefix_cache_mb * MIB)
+
+    @property
+    def tenant_max_stored_bytes(self) -> int | None:
+        mb = self.tenant_max_stored_mb
+        return None if mb is None else int(mb * MIB)
 
     @property
     def store_description(self) -> str:

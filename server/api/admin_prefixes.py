@@ -44,7 +44,8 @@ _UPLOAD_BODY = {
 
 @router.post(
     "", status_code=201, response_model=PrefixInfo, openapi_extra={"requestBody": _UPLOAD_BODY},
-    responses={**_ERRORS, **error_responses(400, 413)}, summary="Upload a new prefix version",
+    responses={**_ERRORS, **error_responses(400, 413)},
+    summary="Upload a new prefix version (within the tenant's prefix count and stored bytes)",
 )
 async def upload_prefix(
     request: Request, principal: PrincipalDep, services: ServicesDep
@@ -53,7 +54,8 @@ async def upload_prefix(
     tenant = principal.tenant_for(form.fields.get("tenant"))
     annotate(request, tenant=tenant)
     artifact = await asyncio.to_thread(_artifact_of, form, tenant, services)
-    meta = await services.store.put(artifact)
+    quota = await services.quotas.get(tenant)
+    meta = await services.store.put(artifact, limits=quota.storage_limits())
     annotate(request, prefix=meta.ref)
     return info_of(meta)
 

@@ -100,6 +100,9 @@ async def _on_serve_error(request: Request, exc: Exception) -> JSONResponse:
         raise exc
     if error.status_code >= 500:
         log.warning("request failed: %s: %s", error.type, error.message)
+    fields = getattr(request.state, "log", None)  # the access log line (and 429s by reason)
+    if isinstance(fields, dict):
+        fields["error_type"] = error.type
     return error_response(error)
 
 

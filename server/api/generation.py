@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
+from prefix_registry.errors import RegistryUnavailableError, TenantNotFoundError
 from server import errors as srv
 from server.api.backend import EventStream
 from server.api.middleware import annotate, new_request_id, request_id
+from server.api.quotas import Quota
 from server.api.state import Services
 from server.engine.request import (
     EngineRequest,
@@ -26,7 +28,6 @@ from server.engine.request import (
     FinishReason,
     PrefixSource,
     SamplingParams,
-    TenantShare,
     TextDelta,
 )
 
@@ -55,6 +56,7 @@ class Generation:
         self._request = request
         self._tenant = engine_request.tenant.name
         self._stream = stream
+        self._charged = 0  # generated tokens counted against the tenant's tokens per minute
         self.finished: Finished | None = None
 
     @property
@@ -83,6 +85,8 @@ class Generation:
 
     def _observe_delta(self, event: TextDelta, last: float | None) -> float:
         now = time.perf_counter()
+        self._services.rate_limiter.charge(self._tenant, len(event.token_ids))
+        self._charged += len(event.token_ids)
         tokens = max(1, len(event.token_ids))
         if last is not None:
             for _ in range(tokens):
@@ -91,11 +95,10 @@ class Generation:
 
     def _observe_finished(self, event: Finished) -> None:
         self.finished = event
-        metrics = self._services.metrics
-        if event.timings.ttft_s is not None:
-            metrics.ttft.observe(event.timings.ttft_s)
-        metrics.tokens.labels(tenant=self._tenant).inc(event.usage.completion_tokens)
-        metrics.prompt_tokens.labels(tenant=self._tenant).inc(event.usage.prompt_tokens)
+        usage, tenant = event.usage, self._tenant
+        self._services.rate_limiter.charge(
+            tenant, usage.prompt_tokens + max(0, usage.completion_tokens - self._charged))
+        self._services.metrics.finished(tenant, usage, event.timings)
         annotate(
             self._request, finish_reason=event.finish_reason.value,
             prompt_tokens=event.usage.prompt_tokens,
@@ -109,7 +112,10 @@ class Generation:
 async def start_generation(
     services: Services, request: Request, call: GenerationCall
 ) -> Generation:
-    """Resolve the prefix and submit; raises the engine's synchronous errors (429, 400, 503)."""
+    """Check the tenant's tokens per minute, resolve the prefix and submit; raises 429
+    (`rate_limited`) and the engine's synchronous errors (429, 400, 503)."""
+    quota = await tenant_quota(services, call.tenant)
+    services.rate_limiter.check(call.tenant, quota.tokens_per_minute)
     prefix = None
     if call.prefix_ref is not None:
         prefix = await services.resolver.resolve(call.tenant, call.prefix_ref)
@@ -117,13 +123,23 @@ async def start_generation(
     engine_request = EngineRequest(
         prompt=call.prompt, sampling=call.sampling, prefix=prefix,
         request_id=engine_request_id(request), add_special_tokens=call.add_special_tokens,
-        tenant=TenantShare(name=call.tenant),
+        tenant=quota.share(call.tenant),
     )
     stream = await services.backend.submit(engine_request)
     generation = Generation(services, request, engine_request, stream)
     annotate(request, engine_request_id=generation.id,
              **({"replica": stream.replica} if stream.replica else {}))
     return generation
+
+
+async def tenant_quota(services: Services, tenant: str) -> Quota:
+    """The quota in force for `tenant`. The server's defaults when there is none to read: the
+    operator acting as `default` without such a tenant, or a tenant not seen since the server
+    started while the registry is unreachable (generation goes on without the registry)."""
+    try:
+        return await services.quotas.get(tenant)
+    except (TenantNotFoundError, RegistryUnavailableError):
+        return services.quotas.defaults
 
 
 def engine_request_id(request: Request) -> str:
@@ -171,10 +187,7 @@ def error_class(error_type: str) -> type[srv.ServeError]:
 def finished_error(finished: Finished) -> srv.ServeError:
     """The server error a `Finished(finish_reason=error)` event stands for."""
     cls = error_class(finished.error_type or "")
-    message = finished.error_message or "the request failed"
-    if issubclass(cls, srv.OverloadedError):
-        return srv.OverloadedError(message)
-    return cls(message)
+    return cls(finished.error_message or "the request failed")
 
 
 def _error_classes(root: type[srv.ServeError]) -> dict[str, type[srv.ServeError]]:

@@ -15,6 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.engine.request import Timings, Usage
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5)
@@ -41,10 +43,11 @@ ENGINE_FIELDS: dict[str, tuple[str, str, str]] = {
 
 
 class EngineCollector(Collector):
-    """Reads the engine's stats at scrape time."""
+    """Reads the engine's stats at scrape time; per-tenant values only for `known` tenants."""
 
-    def __init__(self, stats: Callable[[], Any]) -> None:
+    def __init__(self, stats: Callable[[], Any], known: Callable[[str], bool]) -> None:
         self._stats = stats
+        self._known = known
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
@@ -58,6 +61,19 @@ class EngineCollector(Collector):
             name = f"prefix_serve_{suffix}"
             family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             yield family(name, doc, value=float(value))
+        service = data.get("tenant_service")
+        if isinstance(service, dict):
+            yield self._tenant_service(service)
+
+    def _tenant_service(self, service: dict[str, float]) -> Metric:
+        family = GaugeMetricFamily(
+            "prefix_serve_tenant_service", "each tenant's service counter in the fair scheduler "
+            "(weighted tokens per unit of weight)", labels=["tenant"],
+        )
+        for tenant, value in sorted(service.items()):
+            if tenant and self._known(tenant):
+                family.add_metric([tenant], float(value))
+        return family
 
 
 def stats_dict(stats: Any) -> dict[str, Any]:
@@ -77,7 +93,16 @@ class Metrics:
         )
         self.ttft = Histogram(
             "prefix_serve_time_to_first_token_seconds", "arrival to first generated token",
-            buckets=_TTFT_BUCKETS, registry=self.registry,
+            ("tenant",), buckets=_TTFT_BUCKETS, registry=self.registry,
+        )
+        self.queue_time = Histogram(
+            "prefix_serve_queue_time_seconds", "arrival to admission into the running batch",
+            ("tenant",), buckets=_TTFT_BUCKETS, registry=self.registry,
+        )
+        self.rejected = Counter(
+            "prefix_serve_rejected_requests", "requests refused with 429, by tenant and reason "
+            "(overloaded, tenant_queue_full, rate_limited)", ("tenant", "reason"),
+            registry=self.registry,
         )
         self.inter_token = Histogram(
             "prefix_serve_inter_token_latency_seconds", "time between generated tokens",
@@ -93,11 +118,20 @@ class Metrics:
         )
         self._engine_collector: EngineCollector | None = None
 
-    def watch_engine(self, stats: Callable[[], Any]) -> None:
-        """Export `stats()` at each scrape (once per app)."""
+    def watch_engine(self, stats: Callable[[], Any], known: Callable[[str], bool]) -> None:
+        """Export `stats()` at each scrape (once per app), per-tenant series for `known`
+        tenants only (bounded label values)."""
         if self._engine_collector is None:
-            self._engine_collector = EngineCollector(stats)
+            self._engine_collector = EngineCollector(stats, known)
             self.registry.register(self._engine_collector)
+
+    def finished(self, tenant: str, usage: Usage, timings: Timings) -> None:
+        """A generation of `tenant` finished: its tokens, queue time and TTFT."""
+        if timings.ttft_s is not None:
+            self.ttft.labels(tenant=tenant).observe(timings.ttft_s)
+        self.queue_time.labels(tenant=tenant).observe(timings.queue_s)
+        self.tokens.labels(tenant=tenant).inc(usage.completion_tokens)
+        self.prompt_tokens.labels(tenant=tenant).inc(usage.prompt_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -83,6 +83,9 @@ class RequestContextMiddleware:
         route = getattr(scope.get("route"), "path", "unmatched")
         tenant = str(fields.get("tenant", "-"))
         self.metrics.requests.labels(route=route, status=str(status), tenant=tenant).inc()
+        if status == 429:
+            reason = str(fields.get("error_type", "overloaded"))
+            self.metrics.rejected.labels(tenant=tenant, reason=reason).inc()
         line = {"request_id": rid, "method": scope["method"], "path": scope["path"],
                 "status": status, "duration_s": round(duration, 6), **fields}
         level = logging.DEBUG if scope["path"] in _QUIET_PATHS else logging.INFO

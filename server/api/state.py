@@ -1,4 +1,5 @@
-"""What the routes share for the life of the app: model, engine, store, resolver, auth, metrics.
+"""What the routes share for the life of the app: model, engine, store, resolver, auth, metrics,
+tenant quotas.
 
 `Services` is built by the app's lifespan (`server/app.py`) and reached from routes through the
 dependency aliases in `deps.py`. `Lifecycle` is the shutdown switch: once flipped (SIGTERM or
@@ -16,6 +17,8 @@ from prefix_registry.store import PrefixStore
 from server.api.auth import Authenticator
 from server.api.backend import EngineBackend
 from server.api.metrics import Metrics
+from server.api.quotas import QuotaCache
+from server.api.rate_limit import TokenRateLimiter
 from server.api.resolver import PrefixResolver
 from server.engine.engine import Engine
 from server.models.loader import ModelInfo
@@ -58,6 +61,8 @@ class Services:
     auth: Authenticator
     metrics: Metrics
     lifecycle: Lifecycle
+    quotas: QuotaCache  # each tenant's quota in force
+    rate_limiter: TokenRateLimiter  # tokens per minute per tenant
     engine: Engine | None = None  # the engine in this process (None behind Ray Serve)
 
     @property

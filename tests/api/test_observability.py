@@ -52,7 +52,8 @@ async def test_metrics(server: Served, loaded: LoadedModel) -> None:
     bad = frozenset({("route", "/generate"), ("status", "422"), ("tenant", "acme")})
     assert got[("prefix_serve_requests_total", ok)] == 2
     assert got[("prefix_serve_requests_total", bad)] == 1
-    assert got[("prefix_serve_time_to_first_token_seconds_count", frozenset())] == 2
+    assert got[("prefix_serve_time_to_first_token_seconds_count",
+                frozenset({("tenant", "acme")}))] == 2
     assert got[("prefix_serve_inter_token_latency_seconds_count", frozenset())] >= 1
     completion = json.loads(response.text)["usage"]["completion_tokens"]
     tokens = got[("prefix_serve_generated_tokens_total", frozenset({("tenant", "acme")}))]

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from server.api.quotas import Quota
 from server.app import engine_config
 from server.engine.fairness import FifoQueue, VirtualTokenCounter, make_wait_queue
 from server.settings import Settings, parse_settings
@@ -51,7 +52,8 @@ def test_an_operator_key_or_auth_disabled_is_required() -> None:
 @pytest.mark.parametrize("field,value", [
     ("max_batch_size", 0), ("max_queue", 0), ("port", 70000), ("dtype", "int8"),
     ("max_upload_mb", 0), ("shutdown_grace_s", -1), ("fairness", "lottery"),
-    ("fair_output_weight", -1), ("fair_prompt_weight", float("inf")),
+    ("fair_output_weight", -1), ("fair_prompt_weight", float("inf")), ("tenant_weight", 0),
+    ("tenant_max_queued", 0), ("tenant_max_stored_mb", -1), ("tenant_quota_ttl_s", -1),
 ])
 def test_bad_values_are_refused(field: str, value: Any) -> None:
     with pytest.raises(ValidationError, match=field):
@@ -81,3 +83,12 @@ def test_fairness_flags_reach_the_engine_config() -> None:
         "fifo", 0.5, 3.0)
     queue = make_wait_queue(config.fairness, config.fair_prompt_weight, config.fair_output_weight)
     assert isinstance(queue, FifoQueue)
+
+
+def test_tenant_quota_defaults_come_from_flags() -> None:
+    s = parse_settings(["--model", "m", "--auth-disabled", "--tenant-weight", "2",
+                        "--tenant-max-running", "3", "--tenant-max-stored-mb", "1.5",
+                        "--tenant-tokens-per-minute", "1000"])
+    assert Quota.defaults(s) == Quota(weight=2.0, max_running=3, tokens_per_minute=1000,
+                                      max_stored_bytes=int(1.5 * 2**20))
+    assert Quota.defaults(Settings(model="m", auth_disabled=True)) == Quota()

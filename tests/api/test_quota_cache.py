@@ -1,0 +1,141 @@
+"""The quota cache over a real store (local directory; a private Redis that is killed) and the
+tokens-per-minute buckets, both on a controlled clock."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from prefix_registry.errors import RegistryUnavailableError, TenantNotFoundError
+from prefix_registry.local_store import LocalStore
+from prefix_registry.quotas import TenantQuota
+from prefix_registry.redis_store import RedisStore
+from server.api.quotas import Quota, QuotaCache
+from server.api.rate_limit import TokenRateLimiter
+from server.errors import RateLimitedError
+from tests.redis_procs import free_port
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def counting(store: Any) -> list[str]:
+    """Count `store.get_quota` calls (the store still answers them)."""
+    reads: list[str] = []
+    real = store.get_quota
+
+    async def get_quota(tenant: str) -> TenantQuota:
+        reads.append(tenant)
+        await asyncio.sleep(0.01)  # let concurrent callers pile up
+        return await real(tenant)  # type: ignore[no-any-return]
+
+    store.get_quota = get_quota
+    return reads
+
+
+async def test_a_quota_is_read_once_per_ttl_and_shared(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path)
+    await store.create_tenant("acme")
+    await store.update_quota("acme", {"weight": 2, "max_queued": 9})
+    clock, reads = Clock(), counting(store)
+    cache = QuotaCache(store, Quota(max_running=4), ttl_s=5.0, clock=clock)
+    quotas = await asyncio.gather(*(cache.get("acme") for _ in range(20)))
+    assert quotas == [Quota(weight=2.0, max_running=4, max_queued=9)] * 20 and reads == ["acme"]
+    clock.now += 4.9
+    await cache.get("acme")
+    assert len(reads) == 1
+    await store.update_quota("acme", {"weight": 3})  # elsewhere: seen after the TTL
+    clock.now += 0.2
+    assert (await cache.get("acme")).weight == 3.0 and len(reads) == 2
+    cache.remember("acme", TenantQuota(weight=7))  # written through this server: at once
+    assert (await cache.get("acme")).weight == 7.0 and len(reads) == 2
+    assert "acme" in cache and "ghost" not in cache
+    with pytest.raises(TenantNotFoundError):
+        await cache.get("ghost")
+    assert "ghost" not in cache
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    process = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            redis.Redis.from_url(url, socket_timeout=1).ping()
+            break
+        except redis.RedisError:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+    try:
+        yield url, process
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def test_the_last_quota_is_used_while_the_registry_is_down(
+    private_redis: tuple[str, subprocess.Popen[bytes]]
+) -> None:
+    url, process = private_redis
+    store = RedisStore(url, namespace="quota-cache:")
+    try:
+        await store.create_tenant("acme")
+        await store.create_tenant("beta")
+        await store.update_quota("acme", {"tokens_per_minute": 100})
+        clock = Clock()
+        cache = QuotaCache(store, Quota(), ttl_s=1.0, clock=clock)
+        assert (await cache.get("acme")).tokens_per_minute == 100
+        process.kill()
+        process.wait()
+        clock.now += 10  # expired: the registry is asked, fails, the last quota is used
+        assert (await cache.get("acme")).tokens_per_minute == 100
+        with pytest.raises(RegistryUnavailableError):
+            await cache.get("beta")  # never read: nothing to fall back on here
+    finally:
+        await store.close()
+
+
+def test_tokens_per_minute_refill_over_time() -> None:
+    clock = Clock()
+    limiter = TokenRateLimiter(clock)
+    limiter.check("acme", 60)  # one token per second, a minute's worth to start with
+    limiter.charge("acme", 90)  # a burst: 30 tokens of debt
+    with pytest.raises(RateLimitedError) as refused:
+        limiter.check("acme", 60)
+    assert refused.value.retry_after == pytest.approx(31.0)  # until one token is back
+    assert refused.value.status_code == 429 and refused.value.type == "rate_limited"
+    clock.now += 30.5
+    with pytest.raises(RateLimitedError):
+        limiter.check("acme", 60)
+    clock.now += 1.0
+    limiter.check("acme", 60)  # 1.5 tokens left
+    assert limiter.level("acme") == pytest.approx(1.5)
+    clock.now += 3600
+    assert limiter.level("acme") == 60.0  # never more than a minute's worth
+    limiter.check("acme", 10)  # a lower limit caps what is left
+    assert limiter.level("acme") == 10.0
+    limiter.check("acme", None)  # the limit is gone: nothing is counted any more
+    limiter.charge("acme", 10**6)
+    limiter.check("acme", None)
+    assert limiter.level("acme") is None
+    limiter.check("beta", 5)  # each tenant its own bucket
+    assert limiter.level("beta") == 5.0
