@@ -210,8 +210,9 @@ async def test_uploads_stay_within_the_prefix_count_and_stored_bytes(
 # --- the per-tenant queue cap (enforced by the engine) ------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="the engine's submit does not yet refuse a tenant beyond "
-                   "TenantShare.max_queued (the new scheduler does)")
+@pytest.mark.xfail(strict=True, reason="Engine.submit refuses a tenant beyond its max_queued with "
+                   "type 'overloaded', not server.errors.TenantQueueFullError "
+                   "('tenant_queue_full'), so 429s by reason cannot tell them apart")
 async def test_a_tenant_beyond_its_queue_cap_gets_429_and_others_are_served(
     make_settings: SettingsFactory, loaded: LoadedModel
 ) -> None:
@@ -254,6 +255,7 @@ async def test_per_tenant_metrics(server: Served) -> None:
         assert got[("prefix_serve_queue_time_seconds_count", labels)] == count
         assert got[("prefix_serve_generated_tokens_total", labels)] == 3 * count
         assert got[("prefix_serve_prompt_tokens_total", labels)] > 0
+        assert got[("prefix_serve_tenant_service", labels)] > 0  # the engine's VTC counter
 
 
 def test_the_service_counter_is_exported_for_known_tenants_only() -> None:
