@@ -7,9 +7,11 @@ always tested:
   batched matmul, and a per-row softmax over the items (segment max, exp, segment sums) gives
   each row its output. No row is padded to the longest one, so one long context costs only its
   own blocks.
-- rows with several query tokens (prompt chunks) gather their blocks into one contiguous
-  sequence and run scaled-dot-product attention with a mask for causality and for the unused
-  tail of the prefix's last block.
+- rows with several query tokens (prompt chunks), and decode rows that read more than
+  `LONG_ROW_BLOCKS` blocks, are attended one at a time: their blocks are gathered into one
+  contiguous sequence and scaled-dot-product attention runs with a mask for causality and for
+  the unused tail of the prefix's last block. (A long row among short ones would otherwise add
+  many small items; alone it is one matrix product, measured ~2x cheaper here.)
 Exact up to floating-point summation order: every row reads exactly its own keys.
 """
 
@@ -22,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from server.engine.attention.layout import RowLayout, StepLayout
+
+
+LONG_ROW_BLOCKS = 16  # decode rows reading more blocks than this are attended one by one
 
 
 class AttentionBackend(Protocol):
@@ -50,6 +55,8 @@ class _Singles:
 
 @dataclass(frozen=True)
 class _Chunk:
+    """A row attended on its own (a prompt chunk, or a long decode row)."""
+
     tokens: slice  # the row's queries in the packed batch
     blocks: torch.Tensor  # [nb] its prefix blocks, then its own
     visible: torch.Tensor  # [q, nb * bs] bool
@@ -67,8 +74,8 @@ class TorchPagedAttention:
 
     def prepare(self, layout: StepLayout, device: torch.device) -> _TorchMeta:
         bs = layout.block_size
-        singles = [r for r in layout.rows if r.query_len == 1]
-        chunks = [_chunk(r, bs, device) for r in layout.rows if r.query_len > 1]
+        singles = [r for r in layout.rows if r.query_len == 1 and not _long(r, bs)]
+        chunks = [_chunk(r, bs, device) for r in layout.rows if r.query_len > 1 or _long(r, bs)]
         return _TorchMeta(layout.num_tokens, _singles(singles, bs, device), chunks)
 
     def attend(
@@ -85,6 +92,11 @@ class TorchPagedAttention:
         for chunk in meta.chunks:
             out[chunk.tokens] = _attend_chunk(q[chunk.tokens], k_pool, v_pool, chunk, scale)
         return out
+
+
+def _long(row: RowLayout, bs: int) -> bool:
+    """A row that reads many blocks is cheaper attended on its own, as one sequence."""
+    return (row.prefix_len + row.own_len) > LONG_ROW_BLOCKS * bs
 
 
 def _singles(rows: list[RowLayout], bs: int, device: torch.device) -> _Singles | None:
