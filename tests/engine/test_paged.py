@@ -71,8 +71,10 @@ async def test_preempted_requests_finish_exactly_as_if_never_interrupted(load_ti
 
 async def test_a_long_context_row_beside_short_ones_changes_nothing(load_tiny) -> None:
     loaded = load_tiny("qwen3")
-    long_prompt = [(7 * i) % 300 + 1 for i in range(180)]
-    async with running(loaded, max_batch_size=8, max_num_batched_tokens=64) as engine:
+    long_prompt = [(7 * i) % 300 + 1 for i in range(200)]
+    # Blocks of 8: the long row reads more than LONG_ROW_BLOCKS blocks, the short ones a few.
+    async with running(loaded, max_batch_size=8, max_num_batched_tokens=64,
+                       block_size=8) as engine:
         long = engine.submit(_greedy(long_prompt, 40, rid="long"))
         shorts = [engine.submit(_greedy([9 + i, 4, 2], 12, rid=f"s{i}")) for i in range(5)]
         results = await asyncio.gather(long.collect(), *(s.collect() for s in shorts))

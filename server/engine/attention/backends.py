@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from server.engine.attention.layout import RowLayout, StepLayout
 
-
 LONG_ROW_BLOCKS = 16  # decode rows reading more blocks than this are attended one by one
 
 
