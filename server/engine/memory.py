@@ -77,7 +77,7 @@ def plan_pool(loaded: LoadedModel, config: EngineConfig) -> PoolPlan:
 
 def _budget(loaded: LoadedModel, config: EngineConfig) -> tuple[int, str]:
     if config.kv_cache_bytes is not None:
-        return config.kv_cache_bytes, f"--kv-cache-mb {config.kv_cache_bytes / MiB:g}"
+        return config.kv_cache_bytes, f"--kv-cache-mb {config.kv_cache_bytes / MiB:.3g}"
     if loaded.device.type == "cuda":
         free, total = torch.cuda.mem_get_info(loaded.device)
         activations = _step_activation_bytes(loaded, config.max_num_batched_tokens,
