@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from server.engine.attention.layout import RowLayout, StepLayout
+from server.engine.attention.layout import RowLayout, StepLayout, flat, segments
 
 LONG_ROW_BLOCKS = 16  # decode rows reading more blocks than this are attended one by one
 
@@ -101,16 +101,15 @@ def _long(row: RowLayout, bs: int) -> bool:
 def _singles(rows: list[RowLayout], bs: int, device: torch.device) -> _Singles | None:
     if not rows:
         return None
-    item_row: list[int] = []
-    item_block: list[int] = []
-    item_count: list[int] = []
-    for i, row in enumerate(rows):
-        for blocks, length in ((row.prefix_blocks, row.prefix_len), (row.own_blocks, row.own_len)):
-            for j in range(-(-length // bs)):
-                item_row.append(i)
-                item_block.append(blocks[j])
-                item_count.append(min(bs, length - j * bs))
-    host = torch.tensor([item_row, item_block, item_count], dtype=torch.long)
+    # Two segments of items per row (its prefix blocks, then its own), each `length` tokens.
+    tables, lengths = [], []
+    for row in rows:
+        tables += [row.prefix_blocks[: -(-row.prefix_len // bs)],
+                   row.own_blocks[: -(-row.own_len // bs)]]
+        lengths += [row.prefix_len, row.own_len]
+    segment, within = segments([len(t) for t in tables])
+    count = (torch.tensor(lengths)[segment] - within * bs).clamp(max=bs)
+    host = torch.stack([segment // 2, flat(tables), count])  # row, block, visible slots
     items = host.to(device, non_blocking=True)
     tokens = torch.tensor([r.query_start for r in rows], dtype=torch.long).to(device)
     valid = torch.arange(bs, device=device)[None, :] < items[2][:, None]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import TYPE_CHECKING
 
 import torch
 
-from server.engine.attention.layout import StepLayout
+from server.engine.attention.layout import StepLayout, flat, token_rows
 
 if TYPE_CHECKING:
     from server.engine.attention.backends import AttentionBackend
@@ -24,12 +25,11 @@ class StepAttention:
         self, pool: KVPool, backend: AttentionBackend, layout: StepLayout, device: torch.device
     ) -> None:
         bs = layout.block_size
-        blocks, offsets = [], []
-        for row in layout.rows:
-            for i in range(row.own_start, row.own_len):
-                blocks.append(row.own_blocks[i // bs])
-                offsets.append(i % bs)
-        slots = torch.tensor([blocks, offsets], dtype=torch.long).to(device, non_blocking=True)
+        row, own = token_rows(layout)  # [T] each
+        tables = [r.own_blocks for r in layout.rows]
+        first = torch.tensor([0, *itertools.accumulate(len(t) for t in tables)][:-1])
+        blocks = flat(tables)[first[row] + own // bs]
+        slots = torch.stack([blocks, own % bs]).to(device, non_blocking=True)
         self.slot_block, self.slot_offset = slots[0], slots[1]  # [T] each: where token t goes
         self.pool, self.backend = pool, backend
         self.meta = backend.prepare(layout, device)
