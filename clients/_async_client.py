@@ -15,14 +15,17 @@ from clients._constants import DEFAULT_MAX_RETRIES, DEFAULT_PAGE_SIZE, DEFAULT_T
 from clients._exceptions import make_connection_error
 from clients._streaming import AsyncGenerationStream
 from clients._types import (
+    NOT_GIVEN,
     ApiKey,
     Generation,
     Health,
+    NotGiven,
     PrefixDetail,
     PrefixInfo,
     PrefixPage,
     Readiness,
     Tenant,
+    TenantQuota,
 )
 from clients._uploads import PrefixSource
 
@@ -121,6 +124,26 @@ class AsyncPrefixClient(_ClientBase):
     ) -> str:
         """See `PrefixClient.revoke_key`."""
         return str((await self._json(B.revoke_key_call(tenant, key_id), options))["revoked"])
+
+    async def get_quota(self, tenant: str, **options: Unpack[B.RequestOptions]) -> TenantQuota:
+        """See `PrefixClient.get_quota`."""
+        return TenantQuota.model_validate(await self._json(B.get_quota_call(tenant), options))
+
+    async def set_quota(
+        self, tenant: str, *, weight: float | None | NotGiven = NOT_GIVEN,
+        max_running: int | None | NotGiven = NOT_GIVEN,
+        max_queued: int | None | NotGiven = NOT_GIVEN,
+        tokens_per_minute: int | None | NotGiven = NOT_GIVEN,
+        max_prefixes: int | None | NotGiven = NOT_GIVEN,
+        max_stored_bytes: int | None | NotGiven = NOT_GIVEN,
+        **options: Unpack[B.RequestOptions],
+    ) -> TenantQuota:
+        """See `PrefixClient.set_quota`."""
+        fields = dict(weight=weight, max_running=max_running, max_queued=max_queued,
+                      tokens_per_minute=tokens_per_minute, max_prefixes=max_prefixes,
+                      max_stored_bytes=max_stored_bytes)
+        call = B.set_quota_call(tenant, fields)
+        return TenantQuota.model_validate(await self._json(call, options))
 
     async def health(self, **options: Unpack[B.RequestOptions]) -> Health:
         """See `PrefixClient.health`."""

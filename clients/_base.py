@@ -17,7 +17,7 @@ import httpx
 
 from clients import _constants as C
 from clients._exceptions import make_status_error, parse_retry_after
-from clients._types import Health, Readiness
+from clients._types import Health, NotGiven, Readiness
 from clients._uploads import FilePart, PrefixSource, file_parts
 
 TimeoutTypes = float | httpx.Timeout | None
@@ -190,6 +190,24 @@ def create_key_call(tenant: str) -> APICall:
 
 def revoke_key_call(tenant: str, key_id: str) -> APICall:
     return APICall("DELETE", f"/admin/tenants/{_seg(tenant)}/keys/{_seg(key_id)}")
+
+
+QUOTA_FIELDS = ("weight", "max_running", "max_queued", "tokens_per_minute", "max_prefixes",
+                "max_stored_bytes")
+
+
+def get_quota_call(tenant: str) -> APICall:
+    return APICall("GET", f"/admin/tenants/{_seg(tenant)}/quota")
+
+
+def set_quota_call(tenant: str, fields: dict[str, Any]) -> APICall:
+    """PATCH the fields that were given (NOT_GIVEN ones are left out; None clears). Setting the
+    same values twice is the same as once, so it is safe to retry."""
+    changes = {key: value for key, value in fields.items() if not isinstance(value, NotGiven)}
+    unknown = set(changes) - set(QUOTA_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown quota fields: {', '.join(sorted(unknown))}")
+    return APICall("PATCH", f"/admin/tenants/{_seg(tenant)}/quota", json=changes)
 
 
 def health_call() -> APICall:

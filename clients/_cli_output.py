@@ -6,6 +6,7 @@ Data goes to stdout; notes for people (usage lines, the once-shown key warning) 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -13,7 +14,16 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from clients._types import ApiKey, Generation, Health, PrefixDetail, PrefixInfo, Readiness, Tenant
+from clients._types import (
+    ApiKey,
+    Generation,
+    Health,
+    PrefixDetail,
+    PrefixInfo,
+    Readiness,
+    Tenant,
+    TenantQuota,
+)
 
 
 def print_json(value: Any) -> None:
@@ -143,6 +153,41 @@ def revoked(key_id: str, *, as_json: bool) -> None:
         print_json({"revoked": key_id})
     else:
         print(f"revoked {key_id}")
+
+
+def tenant_quota(result: TenantQuota, *, as_json: bool) -> None:
+    if as_json:
+        print_json(result)
+        return
+    values = result.quota.model_dump()
+    rows = []
+    for field, value in values.items():
+        if value is None:
+            shown = "no limit"
+        elif field == "max_stored_bytes":
+            shown = human_bytes(value)
+        else:
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+        rows.append((field, shown, "tenant" if field in result.overrides else "default"))
+    print(f"tenant {result.name}")
+    table(("FIELD", "VALUE", "SET BY"), rows)
+    if result.usage is not None:
+        u = result.usage
+        print(f"stored: {u.prefixes} prefix{'es' if u.prefixes != 1 else ''}, "
+              f"{human_bytes(u.stored_bytes)}")
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "k": 2**10, "kib": 2**10, "kb": 2**10, "m": 2**20, "mib": 2**20,
+               "mb": 2**20, "g": 2**30, "gib": 2**30, "gb": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'1048576', '512KiB', '64MiB', '1.5GiB' -> bytes (binary units, as the server reports)."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _BYTE_UNITS:
+        raise ValueError(f"not a size: {text!r}")
+    return int(float(match.group(1)) * _BYTE_UNITS[unit])
 
 
 # --- health -------------------------------------------------------------------------------------

@@ -19,14 +19,17 @@ from clients._constants import DEFAULT_MAX_RETRIES, DEFAULT_PAGE_SIZE, DEFAULT_T
 from clients._exceptions import make_connection_error
 from clients._streaming import GenerationStream
 from clients._types import (
+    NOT_GIVEN,
     ApiKey,
     Generation,
     Health,
+    NotGiven,
     PrefixDetail,
     PrefixInfo,
     PrefixPage,
     Readiness,
     Tenant,
+    TenantQuota,
 )
 from clients._uploads import PrefixSource
 
@@ -164,6 +167,27 @@ class PrefixClient(_ClientBase):
     def revoke_key(self, tenant: str, key_id: str, **options: Unpack[B.RequestOptions]) -> str:
         """Revoke key `key_id` of `tenant` (operator key only); returns the revoked key id."""
         return str(self._json(B.revoke_key_call(tenant, key_id), options)["revoked"])
+
+    def get_quota(self, tenant: str, **options: Unpack[B.RequestOptions]) -> TenantQuota:
+        """`tenant`'s quota in force, the fields set for it and its storage use (the operator
+        key, or that tenant's own key)."""
+        return TenantQuota.model_validate(self._json(B.get_quota_call(tenant), options))
+
+    def set_quota(
+        self, tenant: str, *, weight: float | None | NotGiven = NOT_GIVEN,
+        max_running: int | None | NotGiven = NOT_GIVEN,
+        max_queued: int | None | NotGiven = NOT_GIVEN,
+        tokens_per_minute: int | None | NotGiven = NOT_GIVEN,
+        max_prefixes: int | None | NotGiven = NOT_GIVEN,
+        max_stored_bytes: int | None | NotGiven = NOT_GIVEN,
+        **options: Unpack[B.RequestOptions],
+    ) -> TenantQuota:
+        """Set `tenant`'s quota fields (operator key only): a value sets one, None clears it
+        (back to the server's default), a field left out is unchanged. Returns the new quota."""
+        fields = dict(weight=weight, max_running=max_running, max_queued=max_queued,
+                      tokens_per_minute=tokens_per_minute, max_prefixes=max_prefixes,
+                      max_stored_bytes=max_stored_bytes)
+        return TenantQuota.model_validate(self._json(B.set_quota_call(tenant, fields), options))
 
     def health(self, **options: Unpack[B.RequestOptions]) -> Health:
         """`/health`: the process is alive; `.ok == False` when its engine died (restart it)."""

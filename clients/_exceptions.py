@@ -8,11 +8,13 @@ PrefixServeError                      every failure of a call to the server
     ├── BadRequestError               400  invalid_request, context_length_exceeded
     ├── AuthenticationError           401  authentication_error
     ├── PermissionDeniedError         403  permission_denied
+    │   └── QuotaExceededError        403  quota_exceeded (the tenant's prefix count or bytes)
     ├── NotFoundError                 404  not_found
     ├── ConflictError                 409  conflict
     ├── PayloadTooLargeError          413  payload_too_large
     ├── UnprocessableEntityError      422  validation_error, incompatible_prefix
-    ├── RateLimitError                429  overloaded (+ retry_after, seconds)
+    ├── RateLimitError                429  overloaded, tenant_queue_full, rate_limited
+    │                                      (+ retry_after, seconds)
     ├── InternalServerError           500  (and any other 5xx without a class of its own)
     └── ServiceUnavailableError       503  unavailable, shutting_down, registry_unavailable,
                                            engine_dead
@@ -45,6 +47,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PrefixServeError",
+    "QuotaExceededError",
     "RateLimitError",
     "ServiceUnavailableError",
     "UnprocessableEntityError",
@@ -113,6 +116,10 @@ class PermissionDeniedError(APIStatusError):
     status_code = 403
 
 
+class QuotaExceededError(PermissionDeniedError):
+    """An upload would take the tenant past its prefix count or stored bytes quota."""
+
+
 class NotFoundError(APIStatusError):
     status_code = 404
 
@@ -158,11 +165,15 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
     )
 }
 
+# Types with a class of their own (a subclass of their status's class).
+_BY_TYPE: dict[str, type[APIStatusError]] = {"quota_exceeded": QuotaExceededError}
+
 # For errors that arrive without a meaningful HTTP status (an SSE `error` event after a 200).
 _STATUS_BY_TYPE: dict[str, int] = {
     "invalid_request": 400, "context_length_exceeded": 400, "authentication_error": 401,
     "permission_denied": 403, "not_found": 404, "conflict": 409, "payload_too_large": 413,
     "validation_error": 422, "incompatible_prefix": 422, "overloaded": 429,
+    "tenant_queue_full": 429, "rate_limited": 429, "quota_exceeded": 403,
     "internal_error": 500, "unavailable": 503, "shutting_down": 503,
     "registry_unavailable": 503, "engine_dead": 503,
 }
@@ -181,7 +192,9 @@ def make_status_error(
         status_code = response.status_code
     if 200 <= status_code < 300:
         status_code = _STATUS_BY_TYPE.get(error_type, 500)
-    cls = _BY_STATUS.get(status_code)
+    cls = _BY_TYPE.get(error_type)
+    if cls is None or cls.status_code != status_code:
+        cls = _BY_STATUS.get(status_code)
     if cls is None:
         cls = InternalServerError if status_code >= 500 else APIStatusError
     return cls(message, status_code=status_code, type=error_type, response=response)

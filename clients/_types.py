@@ -117,3 +117,42 @@ class Readiness(_Model):
     @property
     def ok(self) -> bool:
         return self.status == "ready"
+
+
+class QuotaValues(_Model):
+    """A tenant's quota in force; None = no limit."""
+
+    weight: float = 1.0  # fair-share weight: 2 gets twice the service of 1
+    max_running: int | None = None  # requests running at once
+    max_queued: int | None = None  # requests waiting; beyond it, 429 tenant_queue_full
+    tokens_per_minute: int | None = None  # prompt + generated; beyond it, 429 rate_limited
+    max_prefixes: int | None = None  # prefix names stored; beyond it, 403 quota_exceeded
+    max_stored_bytes: int | None = None  # tensor bytes of all stored versions; likewise
+
+
+class StorageUsage(_Model):
+    prefixes: int  # prefix names with at least one stored version
+    stored_bytes: int  # tensor bytes of every stored version
+
+
+class TenantQuota(_Model):
+    """`quota` is in force; `overrides` are the fields set for this tenant (the others are the
+    server's defaults); `usage` is what the tenant stores."""
+
+    name: str
+    quota: QuotaValues
+    overrides: dict[str, float] = {}
+    usage: StorageUsage | None = None
+
+
+class NotGiven:
+    """The default of an argument left out, where None has a meaning of its own."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN = NotGiven()

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from clients import _cli_output as out
+from clients._base import QUOTA_FIELDS
 from clients._client import PrefixClient
 from clients._constants import API_KEY_ENV, BASE_URL_ENV, DEFAULT_BASE_URL
 from clients._exceptions import APIConnectionError, APIStatusError, APITimeoutError
@@ -143,6 +144,20 @@ def cmd_tenant_revoke_key(client: PrefixClient, args: argparse.Namespace) -> int
     return EXIT_OK
 
 
+def cmd_tenant_quota_show(client: PrefixClient, args: argparse.Namespace) -> int:
+    out.tenant_quota(client.get_quota(args.name), as_json=args.json)
+    return EXIT_OK
+
+
+def cmd_tenant_quota_set(client: PrefixClient, args: argparse.Namespace) -> int:
+    fields = {f: getattr(args, f) for f in QUOTA_FIELDS if hasattr(args, f)}
+    if not fields:
+        options = ", ".join(_option(f) for f in QUOTA_FIELDS)
+        raise UsageError(f"nothing to set: give at least one of {options}")
+    out.tenant_quota(client.set_quota(args.name, **fields), as_json=args.json)
+    return EXIT_OK
+
+
 def cmd_health(client: PrefixClient, args: argparse.Namespace) -> int:
     health = client.health()
     out.health(health, as_json=args.json)
@@ -245,6 +260,49 @@ def _add_tenant_commands(
     p.add_argument("name")
     p.add_argument("key_id")
     p.set_defaults(handler=cmd_tenant_revoke_key)
+    _add_quota_commands(actions, common)
+
+
+# field -> (parse one value, metavar, help); the value "default" clears the field.
+_QUOTA_OPTIONS: dict[str, tuple[Callable[[str], Any], str, str]] = {
+    "weight": (float, "W", "fair-share weight (2 gets twice the service of 1)"),
+    "max_running": (int, "N", "requests running at once"),
+    "max_queued": (int, "N", "requests waiting (beyond: 429 tenant_queue_full)"),
+    "tokens_per_minute": (int, "N", "prompt + generated tokens per minute (beyond: 429)"),
+    "max_prefixes": (int, "N", "prefix names stored"),
+    "max_stored_bytes": (out.parse_bytes, "BYTES", "bytes of all stored versions (e.g. 64MiB)"),
+}
+
+
+def _add_quota_commands(actions: argparse._SubParsersAction,
+                        common: argparse.ArgumentParser) -> None:
+    quota = actions.add_parser("quota", help="show or set a tenant's quota and weight")
+    quota_actions = quota.add_subparsers(dest="quota_action", required=True, metavar="ACTION")
+    p = quota_actions.add_parser("show", parents=[common],
+                                 help="the quota in force, what is set, storage use")
+    p.add_argument("name")
+    p.set_defaults(handler=cmd_tenant_quota_show)
+    p = quota_actions.add_parser(
+        "set", parents=[common], help="set fields (operator key); 'default' clears one",
+        epilog="example: prefixctl tenant quota set acme --weight 2 --max-queued default",
+    )
+    p.add_argument("name")
+    for field, (parse, metavar, help_text) in _QUOTA_OPTIONS.items():
+        p.add_argument(_option(field), dest=field, type=_or_default(parse), metavar=metavar,
+                       default=argparse.SUPPRESS, help=f"{help_text}; 'default': the server's")
+    p.set_defaults(handler=cmd_tenant_quota_set)
+
+
+def _option(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _or_default(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """A value, or None for 'default' (the field is cleared)."""
+    def value(text: str) -> Any:
+        return None if text.strip().lower() == "default" else parse(text)
+    value.__name__ = getattr(parse, "__name__", "value")  # argparse names it in errors
+    return value
 
 
 if __name__ == "__main__":

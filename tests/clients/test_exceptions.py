@@ -49,6 +49,21 @@ def test_rate_limit_carries_retry_after() -> None:
     assert isinstance(error, clients.RateLimitError) and error.retry_after == 3.0
 
 
+def test_quota_types_map_to_their_classes() -> None:
+    quota = error_response(403, {"error": {"type": "quota_exceeded", "message": "full"}})
+    error = make_status_error(quota, quota.json())
+    assert type(error) is clients.QuotaExceededError
+    assert isinstance(error, clients.PermissionDeniedError)
+    denied = error_response(403, {"error": {"type": "permission_denied", "message": "no"}})
+    assert type(make_status_error(denied, denied.json())) is clients.PermissionDeniedError
+    odd = error_response(400, {"error": {"type": "quota_exceeded", "message": "?"}})
+    assert type(make_status_error(odd, odd.json())) is clients.BadRequestError  # status wins
+    for error_type in ("rate_limited", "tenant_queue_full"):  # inside a 200 stream
+        stream = httpx.Response(200, request=REQUEST)
+        error = make_status_error(stream, {"error": {"type": error_type, "message": "wait"}})
+        assert type(error) is clients.RateLimitError and error.status_code == 429
+
+
 def test_a_proxy_error_page_still_maps() -> None:
     response = error_response(502, "<html>Bad Gateway</html>")
     error = make_status_error(response, response.text)
