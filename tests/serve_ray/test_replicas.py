@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import ray
 from ray import serve
 
 from server.app import create_app
@@ -206,3 +207,32 @@ def _running_engine_replicas() -> int:
     app = serve.status().applications["prefix-serve"]
     states: dict[Any, int] = app.deployments["EngineReplica"].replica_states
     return sum(n for state, n in states.items() if str(state).endswith("RUNNING"))
+
+
+async def test_each_replica_exports_its_engine_metrics_with_its_label(
+    ray_served: RayServed, client: httpx.AsyncClient, loaded: LoadedModel
+) -> None:
+    """Per-replica engine series on Ray's metrics endpoint, one `replica` label value each."""
+    replicas: set[str] = set()
+    i = 0
+    while len(replicas) < 2:  # new prefixes spread over the replicas
+        i += 1
+        assert i < 40, f"only {replicas} served"
+        await _upload(client, ray_served.key, loaded, f"metric{i}", seed=i)
+        replicas.add((await _generate(client, ray_served.key, f"metric{i}")).headers[HEADER])
+    ports = {(n["NodeManagerAddress"], n["MetricsExportPort"]) for n in ray.nodes() if n["Alive"]}
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        text = "".join([(await client.get(f"http://{host}:{port}/metrics")).text
+                        for host, port in ports])
+        exported = {replica for replica in replicas if _series_for(text, replica)}
+        if exported == replicas:
+            break
+        assert time.monotonic() < deadline, f"series only for {exported} of {replicas}"
+        await asyncio.sleep(1.0)
+
+
+def _series_for(text: str, replica: str) -> bool:
+    name = "ray_prefix_serve_replica_engine_generated_tokens{"
+    return any(line.startswith(name) and f'replica="{replica}"' in line
+               and float(line.rsplit(" ", 1)[1]) > 0 for line in text.splitlines())
