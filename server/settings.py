@@ -119,9 +119,11 @@ class Settings(BaseSettings):
         json_schema_extra={"shown_default": "1 when this machine has CUDA and --device is not "
                            "cpu, else 0"},
     )
-    max_prefixes_per_replica: int = Field(
-        default=64, ge=1, description="prefixes an engine replica keeps loaded and advertises "
-        "to the router (Ray Serve multiplexing LRU)",
+    max_prefixes_per_replica: int | None = Field(
+        default=None, ge=1, le=65536, description="prefixes an engine replica keeps loaded "
+        "and advertises to the router (Ray Serve multiplexing LRU)",
+        json_schema_extra={"shown_default": "as many 32-token prefixes as --prefix-cache-mb "
+                           "holds on the device"},
     )
     # --- each tenant's quota, unless the operator set another (docs/tenants.md)
     tenant_weight: float = Field(

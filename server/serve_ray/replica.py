@@ -23,13 +23,28 @@ from server.api.errors import to_serve_error
 from server.app import engine_config, open_registry
 from server.engine.engine import Engine
 from server.engine.request import EngineRequest, Event, PrefixSource
-from server.models.loader import ModelSummary, load_model
+from server.models.loader import LoadedModel, ModelSummary, load_model
 from server.serve_ray.messages import Accepted, Refused, ReplicaInfo, split_model_id
 from server.serve_ray.metrics import ReplicaMetrics
 from server.settings import Settings
 
 log = logging.getLogger("prefix_serve.replica")
 Message = Accepted | Refused | Event
+
+
+TYPICAL_PREFIX_TOKENS = 32  # for sizing the multiplexing LRU from the device prefix cache
+MAX_PREFIXES_PER_REPLICA = 4096
+
+
+def prefixes_per_replica(settings: Settings, loaded: LoadedModel) -> int:
+    """The multiplexing LRU's size: what the router may believe is warm here should fit the
+    device prefix cache, so by default it is as many typical prefixes as that cache holds."""
+    if settings.max_prefixes_per_replica is not None:
+        return settings.max_prefixes_per_replica
+    fp = loaded.fingerprint
+    per_token = 2 * fp.num_layers * fp.num_kv_heads * fp.head_dim * loaded.dtype.itemsize
+    fits = settings.prefix_cache_bytes // (per_token * TYPICAL_PREFIX_TOKENS)
+    return max(1, min(MAX_PREFIXES_PER_REPLICA, fits))
 
 
 class EngineReplica:
@@ -52,7 +67,7 @@ class EngineReplica:
             return await self.resolver.resolve(tenant, ref)
 
         self._load_prefix: Callable[[str], Awaitable[PrefixSource]] = serve.multiplexed(
-            max_num_models_per_replica=settings.max_prefixes_per_replica
+            max_num_models_per_replica=prefixes_per_replica(settings, self.loaded)
         )(load_prefix)
         self._metrics = ReplicaMetrics(self.replica, self.engine.stats)
         log.info("engine replica %s ready: %s", self.replica, self.engine.stats())
