@@ -35,8 +35,8 @@ from server.serve_ray.messages import Accepted, Refused, prefix_model_id
 
 log = logging.getLogger("prefix_serve.ray")
 REPLICA_LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError)
-DEFAULT_ATTEMPTS = 4  # one call and up to three retries on other replicas
-RETRY_DELAYS_S = (0.1, 0.5, 1.0)  # time for the router to learn that the replica is gone
+DEFAULT_ATTEMPTS = 5  # one call and up to four retries on other replicas
+RETRY_DELAYS_S = (0.1, 0.5, 1.0, 2.0)  # time for the router to learn that the replica is gone
 
 
 class RayEngineClient:

@@ -53,7 +53,7 @@ async def _generate(client: httpx.AsyncClient, key: str, prefix: str | None, **b
 async def test_a_prefix_stays_on_its_replica_and_prefixes_use_both(
     ray_served: RayServed, client: httpx.AsyncClient, loaded: LoadedModel
 ) -> None:
-    names = [f"affinity{i}" for i in range(6)]
+    names = [f"affinity{i}" for i in range(8)]
     for i, name in enumerate(names):
         await _upload(client, ray_served.key, loaded, name, seed=i)
     home: dict[str, str] = {}
@@ -61,6 +61,7 @@ async def test_a_prefix_stays_on_its_replica_and_prefixes_use_both(
         response = await _generate(client, ray_served.key, name)
         assert response.status_code == 200, response.text
         home[name] = response.headers[HEADER]
+        assert len(response.headers.get_list("x-request-id")) == 1  # Ray's proxy sets it too
         await asyncio.sleep(1.0)  # replicas report their loaded prefixes to the router
     assert len(set(home.values())) == 2, f"every prefix went to one replica: {home}"
     await asyncio.sleep(5.0)  # generous on a loaded machine: the reports are asynchronous
