@@ -12,7 +12,6 @@ import itertools
 import logging
 import random
 import threading
-from collections import Counter
 from collections.abc import Callable
 from typing import cast
 
@@ -22,22 +21,20 @@ from server.engine import checks
 from server.engine.block_manager import BlockManager, PrefixBlocks
 from server.engine.config import EngineConfig, EngineStats, make_queue
 from server.engine.detokenizer import Detokenizer
+from server.engine.intake import Intake
 from server.engine.kv_pool import KVPool
 from server.engine.live import eos_ids, serve_error
 from server.engine.memory import plan_pool
 from server.engine.output import Finish, Item, Live, OutputProcessor, Tokens
 from server.engine.prefixes import prefix_keys_values
-from server.engine.request import EngineRequest, FinishReason, Request, Status, now
+from server.engine.request import EngineRequest, FinishReason, Request, now
 from server.engine.runner import Runner
 from server.engine.sampler import make_generator, sample
 from server.engine.scheduler import Scheduler, SchedulerLimits, StepPlan, Work
 from server.engine.stream import RequestStream
 from server.errors import (
     FatalEngineError,
-    InvalidRequestError,
-    OverloadedError,
     ServeError,
-    ShuttingDownError,
 )
 from server.models.loader import LoadedModel
 
@@ -63,9 +60,8 @@ class Engine:
             watermark=self.pool_plan.watermark_blocks,
         ))
         self.runner = Runner(loaded, self.pool, self.pool_plan.backend)
-        self.output = OutputProcessor(release=lambda rid: self._post("release", rid))
-        self.alive = True
-        self.fatal_error: BaseException | None = None
+        self.intake = Intake(self.config.max_queue)
+        self.output = OutputProcessor(release=lambda rid: self.intake.post("release", rid))
         self.first_logits: dict[str, torch.Tensor] = {}  # request id -> [vocab] (record_logits)
         self.steps = self.tokens_generated = 0
         self.busy_s = self.forward_s = 0.0  # see EngineStats
@@ -75,12 +71,7 @@ class Engine:
         self._generator.manual_seed(random.SystemRandom().getrandbits(63))
         self._live: dict[str, Live] = {}  # engine thread only
         self._out: list[Item] = []  # this iteration's results for the output thread
-        self._lock = threading.Lock()  # guards the fields below (shared with callers)
-        self._inbox: list[tuple[str, object]] = []
-        self._ids: set[str] = set()  # ids of requests not yet finished
-        self._queued: Counter[str] = Counter()  # tenant -> submitted, never admitted yet
-        self._closing = self._stopped = False
-        self._wake = threading.Event()
+        self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="prefix-serve-engine", daemon=True)
         log.info("KV pool: %s", self.pool_plan.describe())
 
@@ -93,41 +84,26 @@ class Engine:
     def submit(self, spec: EngineRequest) -> RequestStream:
         """Queue a request; its events arrive on the returned stream (bound to this loop)."""
         loop = asyncio.get_running_loop()
-        self._check_open()
+        self.intake.check_open()
         checks.check_sampling(spec.sampling)
         ids = checks.prompt_ids(spec, self.loaded.tokenizer, self.loaded.fingerprint.vocab_size)
         checks.check_fits(spec, len(ids), self.pool_plan)
         checks.check_tenant(spec.tenant)
         request = Request(spec.request_id or f"req-{next(_ids)}", spec, ids)
         stream = RequestStream(request.request_id, loop, self.cancel)
-        tenant = spec.tenant
-        with self._lock:
-            self._check_open()
-            if self._queued.total() >= self.config.max_queue:
-                raise OverloadedError("the engine's queue is full; retry shortly", retry_after=1.0)
-            if tenant.max_queued is not None and self._queued[tenant.name] >= tenant.max_queued:
-                raise OverloadedError(
-                    f"tenant {tenant.name!r} already has {tenant.max_queued} requests queued "
-                    "(its quota); retry shortly", retry_after=1.0,
-                )
-            if request.request_id in self._ids:
-                raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
-            self._ids.add(request.request_id)
-            self._queued[tenant.name] += 1
-            self._inbox.append(("submit", (request, stream)))
-        self._wake.set()
+        self.intake.submit(request, (request, stream))
         return stream
 
     def cancel(self, request_id: str) -> None:
         """The request leaves at the next step and frees its blocks (no-op when finished)."""
-        self._post("cancel", request_id)
+        self.intake.post("cancel", request_id)
 
     def stats(self) -> EngineStats:
         blocks = self.blocks.stats()
         per_block = self.pool_plan.bytes_per_block
         return EngineStats(
             running=len(self.scheduler.running),
-            waiting=self._queued.total() + self.scheduler.requeued,
+            waiting=self.intake.queued + self.scheduler.requeued,
             tokens_generated=self.tokens_generated, prefix_cache_hits=blocks.prefix_hits,
             prefix_cache_misses=blocks.prefix_misses,
             prefix_cache_evictions=blocks.prefix_evictions,
@@ -142,8 +118,7 @@ class Engine:
 
     async def shutdown(self, grace_s: float) -> None:
         """Stop admitting, let running requests finish within `grace_s`, cancel the rest."""
-        with self._lock:
-            self._closing = True
+        self.intake.close()
         deadline = asyncio.get_running_loop().time() + grace_s
         while self._busy() and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
@@ -151,36 +126,32 @@ class Engine:
 
     def shutdown_now(self) -> None:
         """Cancel everything and stop the threads (blocking)."""
-        with self._lock:
-            self._closing = True
-        self._post("stop", None)
+        self.intake.close()
+        self.intake.post("stop", None)
         if self._thread.is_alive():
             self._thread.join()
         elif not self._stopped:
             self._stop_all()  # never started or already dead: finish whoever is left here
 
-    def _check_open(self) -> None:
-        if not self.alive:
-            raise FatalEngineError(f"the engine is dead: {self.fatal_error!r}")
-        if self._closing:
-            raise ShuttingDownError("the server is shutting down")
+    @property
+    def alive(self) -> bool:
+        return self.intake.alive
 
-    def _post(self, kind: str, item: object) -> None:
-        with self._lock:
-            self._inbox.append((kind, item))
-        self._wake.set()
+    @property
+    def fatal_error(self) -> BaseException | None:
+        return self.intake.fatal_error
 
     def _busy(self) -> bool:
-        return bool(self._live or self._inbox)
+        return bool(self._live) or self.intake.pending
 
     # -- engine thread ---------------------------------------------------------------------
 
     def _loop(self) -> None:
         try:
             while not self._stopped:
-                if not self.scheduler.has_work and not self._inbox:
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
+                if not self.scheduler.has_work and not self.intake.pending:
+                    self.intake.wake.wait(timeout=0.5)
+                    self.intake.wake.clear()
                 self.step()
         except BaseException as exc:  # noqa: BLE001 - anything escaping a step kills the engine
             self._die(exc)
@@ -201,7 +172,7 @@ class Engine:
     def _run(self, plan: StepPlan) -> tuple[list[Work], list[int]]:
         """Write new prefixes, then one forward and sampling for the step's work. A failure a
         request caused fails that request alone. Returns the sampling work and its tokens."""
-        self._count_admitted(plan)
+        self.intake.admitted(plan.admitted)
         self.pool.prepare(self.blocks.high_water)  # blocks handed out for the first time
         work = self._write_prefixes(plan)
         try:
@@ -299,25 +270,14 @@ class Engine:
             return self._leave(live)
         self._out.append(Tokens(live, (token,)))
 
-    def _count_admitted(self, plan: StepPlan) -> None:
-        if plan.admitted:
-            with self._lock:
-                for request in plan.admitted:
-                    self._queued[request.tenant.name] -= 1
-
     def _drain_inbox(self) -> None:
-        items = self._take_inbox()
+        items = self.intake.take()
         handlers: dict[str, Callable[[object], None]] = {
             "submit": self._enqueue, "cancel": self._cancel, "release": self._release,
             "stop": self._stop,
         }
         for kind, item in items:
             handlers[kind](item)
-
-    def _take_inbox(self) -> list[tuple[str, object]]:
-        with self._lock:
-            items, self._inbox = self._inbox, []
-        return items
 
     def _enqueue(self, item: object) -> None:
         request, stream = cast(tuple[Request, RequestStream], item)
@@ -344,7 +304,7 @@ class Engine:
         self._stop_all()
 
     def _stop_all(self) -> None:
-        for kind, item in self._take_inbox():
+        for kind, item in self.intake.take():
             if kind == "submit":
                 self._enqueue(item)
         for live in list(self._live.values()):
@@ -360,10 +320,7 @@ class Engine:
     def _leave(self, live: Live) -> None:
         """Take the request out of the engine: its blocks return to the pool at once."""
         request = live.request
-        with self._lock:
-            self._ids.discard(request.request_id)
-            if request.status is Status.WAITING and request.admitted_at is None:
-                self._queued[request.tenant.name] -= 1
+        self.intake.left(request)
         self.scheduler.finish(request)
         del self._live[request.request_id]
 
@@ -374,10 +331,9 @@ class Engine:
     def _die(self, exc: BaseException) -> None:
         """A fatal error: every caller gets Finished(error, engine_dead) now; submit refuses."""
         log.exception("engine loop died", exc_info=exc)
-        with self._lock:
-            self.alive, self.fatal_error = False, exc
+        self.intake.kill(exc)
         dead = FatalEngineError(f"the engine died: {exc!r}")
-        for kind, item in self._take_inbox():
+        for kind, item in self.intake.take():
             if kind == "submit":
                 self._enqueue(item)
         self._out = [Finish(live, FinishReason.ERROR, dead) for live in self._live.values()]

@@ -210,9 +210,6 @@ async def test_uploads_stay_within_the_prefix_count_and_stored_bytes(
 # --- the per-tenant queue cap (enforced by the engine) ------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="Engine.submit refuses a tenant beyond its max_queued with "
-                   "type 'overloaded', not server.errors.TenantQueueFullError "
-                   "('tenant_queue_full'), so 429s by reason cannot tell them apart")
 async def test_a_tenant_beyond_its_queue_cap_gets_429_and_others_are_served(
     make_settings: SettingsFactory, loaded: LoadedModel
 ) -> None:
