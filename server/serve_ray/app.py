@@ -30,12 +30,13 @@ SHUTDOWN_MARGIN_S = 5.0  # beyond the drain: closing the registry, stopping the 
 
 def build_app(settings: Settings) -> Application:
     """The ingress bound to the engine deployment, both sized from `settings`."""
+    gpus = _gpus(settings)
     # A config file's autoscaling_config replaces a replica count: set one only when asked.
     count: dict[str, Any] = {"num_replicas": settings.replicas} if settings.replicas else {}
     engine = serve.deployment(
         name="EngineReplica",
         **count,
-        ray_actor_options={"num_cpus": settings.replica_cpus, "num_gpus": _gpus(settings)},
+        ray_actor_options={"num_cpus": settings.replica_cpus, "num_gpus": gpus},
         # the engine queues and batches: let the router hand it as much as it can queue
         max_ongoing_requests=settings.max_batch_size + settings.max_queue,
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
@@ -48,7 +49,22 @@ def build_app(settings: Settings) -> Application:
         max_ongoing_requests=4 * (settings.max_batch_size + settings.max_queue),
         graceful_shutdown_timeout_s=settings.shutdown_grace_s + SHUTDOWN_MARGIN_S,
     )(Ingress)
-    return ingress.bind(engine.bind(settings), settings)
+    return ingress.bind(engine.bind(replica_settings(settings, gpus)), settings)
+
+
+def replica_settings(settings: Settings, gpus: float) -> Settings:
+    """Replicas that share a device share its KV budget, unless --kv-cache-mb fixes it: CPU
+    replicas split the RAM share among the replicas asked for (on one machine they would
+    otherwise each take it), replicas on a fraction of a GPU take that fraction of its memory."""
+    if settings.kv_cache_mb is not None:
+        return settings
+    if gpus == 0:
+        share = settings.cpu_kv_fraction / (settings.replicas or 1)
+        return settings.model_copy(update={"cpu_kv_fraction": share})
+    if gpus < 1:
+        share = settings.gpu_memory_utilization * gpus
+        return settings.model_copy(update={"gpu_memory_utilization": share})
+    return settings
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from server.models.loader import LoadedModel
+from server.serve_ray.app import replica_settings
 from server.serve_ray.replica import TYPICAL_PREFIX_TOKENS, prefixes_per_replica
 from server.settings import Settings
 from tests.api.helpers import ADMIN_KEY
@@ -20,3 +21,13 @@ def test_the_lru_holds_what_the_prefix_cache_holds(loaded: LoadedModel) -> None:
     assert prefixes_per_replica(huge, loaded) == 4096
     chosen = settings.model_copy(update={"max_prefixes_per_replica": 7})
     assert prefixes_per_replica(chosen, loaded) == 7
+
+
+def test_replicas_that_share_a_device_share_its_kv_budget() -> None:
+    settings = Settings(model="m", admin_key=ADMIN_KEY, replicas=4, cpu_kv_fraction=0.5,
+                        gpu_memory_utilization=0.9)
+    assert replica_settings(settings, gpus=0).cpu_kv_fraction == 0.125
+    assert replica_settings(settings, gpus=0.5).gpu_memory_utilization == 0.45
+    assert replica_settings(settings, gpus=1) == settings
+    fixed = settings.model_copy(update={"kv_cache_mb": 64.0})
+    assert replica_settings(fixed, gpus=0) == fixed
