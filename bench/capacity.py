@@ -72,7 +72,9 @@ def main() -> None:
 
 def block_tokens(samples: list[dict[str, float]], budget_bytes: int, per_token: int) -> int | None:
     """Tokens per KV block, inferred from the pool's block count when the server reports one."""
-    for name in ("prefix_serve_kv_blocks_total", "prefix_serve_kv_blocks"):
+    names = sorted({n for s in samples for n in s if n.startswith("prefix_serve_kv_blocks")
+                    and ("total" in n or n == "prefix_serve_kv_blocks")})
+    for name in names:
         blocks = max((s.get(name, 0.0) for s in samples), default=0.0)
         if blocks:
             return max(1, round(budget_bytes / (blocks * per_token)))

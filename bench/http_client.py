@@ -49,7 +49,8 @@ async def completion(client: httpx.AsyncClient, url: str, key: str,
 
 async def sample_metrics(client: httpx.AsyncClient, url: str, every_s: float,
                          done: asyncio.Event) -> list[dict[str, float]]:
-    """`prefix_serve_*` gauges and counters (no labels) every `every_s` until `done`."""
+    """`prefix_serve_*` metrics without labels, and the KV ones with theirs, every `every_s`
+    until `done`."""
     samples = []
     while not done.is_set():
         try:
@@ -58,8 +59,8 @@ async def sample_metrics(client: httpx.AsyncClient, url: str, every_s: float,
             text = ""
         values = {"t": time.perf_counter()}
         for line in text.splitlines():
-            name, _, value = line.partition(" ")
-            if name.startswith("prefix_serve_") and "{" not in name:
+            name, _, value = line.rpartition(" ")
+            if name.startswith("prefix_serve_") and ("{" not in name or "_kv" in name):
                 values[name] = float(value)
         samples.append(values)
         with contextlib.suppress(TimeoutError):
