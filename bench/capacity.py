@@ -71,7 +71,10 @@ def main() -> None:
 
 
 def block_tokens(samples: list[dict[str, float]], budget_bytes: int, per_token: int) -> int | None:
-    """Tokens per KV block, inferred from the pool's block count when the server reports one."""
+    """Tokens per KV block: as the server reports it, or inferred from its block count."""
+    size = max((s.get("prefix_serve_kv_block_size_tokens", 0.0) for s in samples), default=0.0)
+    if size:
+        return int(size)
     names = sorted({n for s in samples for n in s if n.startswith("prefix_serve_kv_blocks")
                     and ("total" in n or n == "prefix_serve_kv_blocks")})
     for name in names:
