@@ -75,13 +75,15 @@ def usage_line(result: Generation, show: bool) -> None:
 
 # --- prefixes -----------------------------------------------------------------------------------
 
-_PREFIX_COLUMNS = ("NAME", "VERSION", "TENANT", "FORM", "LEN", "DTYPE", "SIZE", "CREATED")
+_PREFIX_COLUMNS = ("NAME", "VERSION", "TENANT", "FORM", "LEN", "DTYPE", "SIZE", "CREATED",
+                   "USABLE")
 
 
 def _prefix_row(info: PrefixInfo) -> tuple[str, ...]:
     return (
         info.name, str(info.version), info.tenant or "-", info.form, str(info.prefix_len),
         info.dtype, human_bytes(info.size_bytes), human_time(info.created_at),
+        "yes" if info.compatible else "no: other base model",
     )
 
 
@@ -90,6 +92,8 @@ def prefix_table(items: Sequence[PrefixInfo], *, as_json: bool) -> None:
         print_json(list(items))
         return
     table(_PREFIX_COLUMNS, [_prefix_row(info) for info in items])
+    if any(not info.compatible for info in items):
+        note("(USABLE no: made for another base model; `prefixctl show NAME` says how it differs)")
 
 
 def prefix_detail(detail: PrefixDetail, *, as_json: bool) -> None:
@@ -103,6 +107,7 @@ def prefix_detail(detail: PrefixDetail, *, as_json: bool) -> None:
         "size": human_bytes(detail.size_bytes), "sha256": detail.sha256,
         "created": human_time(detail.created_at), "description": detail.description,
         "model": f"{model.architecture} {model.digest}" if model else "-",
+        "usable": "yes" if detail.compatible else f"no: {detail.incompatible_reason}",
     }
     for key, value in fields.items():
         print(f"{key + ':':13}{value}")

@@ -66,6 +66,8 @@ class PrefixInfo(_Model):
     description: str = ""
     training: dict[str, Any] = {}
     model: ModelRef | None = None
+    compatible: bool = True  # False: made for another base model; the server can't use it
+    incompatible_reason: str | None = None
 
 
 class PrefixDetail(PrefixInfo):

@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     args.json = getattr(args, "json", False)  # SUPPRESSed when given nowhere
+    args.tenant = getattr(args, "tenant", None)
     try:
         with _client(args) as client:
             handler: Handler = args.handler
@@ -177,8 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="prefixctl", parents=[common], description="Talk to a prefix-serve server.",
-        epilog="exit codes: 0 ok, 1 API error, 2 usage, 3 connection/timeout, 130 interrupted",
+        epilog="exit codes: 0 ok, 1 API error, 2 usage, 3 connection/timeout, 130 interrupted. "
+        "With the operator key, --tenant NAME acts for a tenant (generate, upload, list, show, "
+        "delete).",
     )
+    _tenant_option(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(commands, common)
     _add_prefix_commands(commands, common)
@@ -206,6 +210,13 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
+def _tenant_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tenant", default=argparse.SUPPRESS, help="with the operator key: act for this tenant "
+        "(without it the operator acts for tenant 'default')",
+    )
+
+
 def _add_generate(commands: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = commands.add_parser("generate", parents=[common], help="generate text (streamed)")
     p.add_argument("prompt", help="the prompt; '-' reads it from stdin")
@@ -218,7 +229,7 @@ def _add_generate(commands: argparse._SubParsersAction, common: argparse.Argumen
     p.add_argument("--seed", type=int)
     p.add_argument("--no-stream", action="store_true", help="print the text when finished")
     p.add_argument("--usage", action="store_true", help="print token counts/timings to stderr")
-    p.add_argument("--tenant", help="use this tenant's prefixes (operator key)")
+    _tenant_option(p)
     p.set_defaults(handler=cmd_generate)
 
 
@@ -240,7 +251,7 @@ def _add_prefix_commands(
     p.add_argument("--version", type=int, help="delete only this version")
     p.set_defaults(handler=cmd_delete)
     for name in ("upload", "list", "show", "delete"):
-        commands.choices[name].add_argument("--tenant", help="act for this tenant (operator key)")
+        _tenant_option(commands.choices[name])
 
 
 def _add_tenant_commands(

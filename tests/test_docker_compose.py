@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.server
 import importlib
+import json
 import os
 import shlex
 import shutil
@@ -29,7 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 HEALTHCHECK = ROOT / "docker" / "healthcheck.py"
-SERVER_ENV = ("MODEL", "HOST", "PORT", "REDIS_URL", "ADMIN_KEY", "DEVICE", "DTYPE")
+SERVER_ENV = ("MODEL", "HOST", "PORT", "REDIS_URL", "ADMIN_KEY", "DEVICE", "DTYPE",
+              "SHUTDOWN_GRACE_S")
+DEPLOY = ROOT / "deploy"
+PUBLISHED = "${PREFIX_SERVE_PUBLISH_ADDRESS:-127.0.0.1}:"
 
 
 def _compose_commands() -> list[list[str]]:
@@ -55,13 +59,17 @@ def test_compose_config_validates(command: list[str] | None) -> None:
     if command is None:
         pytest.skip("no docker-compose / docker compose binary installed")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_SERVE_")}
-    refused = _compose_config(command, env)
+    refused = _compose_config(command, env | {"PREFIX_SERVE_MODEL": "m"})
     assert refused.returncode != 0 and "PREFIX_SERVE_ADMIN_KEY" in refused.stderr
-    result = _compose_config(command, env | {"PREFIX_SERVE_ADMIN_KEY": "k"})
+    refused = _compose_config(command, env | {"PREFIX_SERVE_ADMIN_KEY": "k"})
+    assert refused.returncode != 0 and "PREFIX_SERVE_MODEL" in refused.stderr
+    result = _compose_config(command, env | {"PREFIX_SERVE_ADMIN_KEY": "k",
+                                             "PREFIX_SERVE_MODEL": "m"})
     assert result.returncode == 0, result.stderr
     services = yaml.safe_load(result.stdout)["services"]
     assert services["server"]["environment"]["PREFIX_SERVE_ADMIN_KEY"] == "k"
     assert services["server"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["prometheus"]["profiles"] == ["observability"]
 
 
 @pytest.fixture(scope="module")
@@ -81,16 +89,62 @@ def test_server_service(compose: dict[str, Any]) -> None:
     assert server["build"]["dockerfile"] == "docker/Dockerfile"
     assert (ROOT / server["build"]["context"] / server["build"]["dockerfile"]).is_file()
     assert server["depends_on"] == {"redis": {"condition": "service_healthy"}}
-    assert "8000:8000" in server["ports"]
+    assert server["ports"] == [PUBLISHED + "${PREFIX_SERVE_PUBLISH_PORT:-8000}:8000"]
     env = server["environment"]
     assert sorted(env) == sorted(f"PREFIX_SERVE_{name}" for name in SERVER_ENV)
     assert env["PREFIX_SERVE_REDIS_URL"] == "redis://redis:6379/0"
     assert (env["PREFIX_SERVE_HOST"], env["PREFIX_SERVE_PORT"]) == ("0.0.0.0", "8000")
-    assert env["PREFIX_SERVE_MODEL"].endswith("/models/model}")
+    # No default model: an unset one is refused by compose itself, not a crash loop.
+    assert env["PREFIX_SERVE_MODEL"].startswith("${PREFIX_SERVE_MODEL:?")
     assert any(volume.split(":")[1] == "/models" for volume in server["volumes"])
+    assert any(volume.split(":")[1] == "/home/prefix/.cache/huggingface"
+               for volume in server["volumes"])
     check = server["healthcheck"]["test"]
     assert check[0] == "CMD" and "/ready" in check
     assert "prefix-serve-healthcheck" in " ".join(check)
+
+
+def _seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    for unit in sorted(units, key=len, reverse=True):
+        if duration.endswith(unit):
+            return float(duration[: -len(unit)]) * units[unit]
+    return float(duration)
+
+
+def test_stop_grace_period_outlasts_the_drain(compose: dict[str, Any]) -> None:
+    server = compose["services"]["server"]
+    drain = float(server["environment"]["PREFIX_SERVE_SHUTDOWN_GRACE_S"])
+    # uvicorn waits the grace plus 5 s (server/__main__.py) before it gives up on connections
+    assert _seconds(server["stop_grace_period"]) > drain + 5
+
+
+def test_every_port_is_published_on_the_configured_address(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert str(port).startswith(PUBLISHED), (name, port)
+
+
+def test_observability_profile(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["observability"]
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), source
+    scrape = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())["scrape_configs"]
+    port = services["server"]["environment"]["PREFIX_SERVE_PORT"]
+    assert scrape[0]["metrics_path"] == "/metrics"
+    assert scrape[0]["static_configs"][0]["targets"] == [f"server:{port}"]
+    sources = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    assert sources[0]["url"] == "http://prometheus:9090"
+    dashboard = json.loads((DEPLOY / "grafana/dashboards/prefix-serve.json").read_text())
+    uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p["targets"]}
+    assert uids == {sources[0]["uid"]}
+    home = services["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert home == "/var/lib/grafana/dashboards/prefix-serve.json"
 
 
 def _instructions() -> list[tuple[str, str]]:

@@ -1,7 +1,8 @@
 """Prefix management: upload (multipart, size-limited as it streams), list, show, delete.
 
 A tenant key manages its own tenant's prefixes; the operator names the tenant (`tenant` form field
-on upload, `?tenant=` elsewhere; default `default`).
+on upload, `?tenant=` elsewhere; default `default`). Listings mark a version made for another base
+model (`compatible: false` and the reason): it is kept, but this server cannot use it.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 
 from prefix_registry.artifact import PrefixArtifact, PrefixMeta
+from prefix_registry.fingerprint import ModelFingerprint
 from prefix_registry.formats import import_files
 from prefix_registry.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
-from server.api.deps import PrincipalDep, ServicesDep, StoreDep
+from server.api.deps import PrincipalDep, ServicesDep, StoreDep, acting_tenant
 from server.api.errors import error_responses
 from server.api.middleware import annotate
 from server.api.schemas import DeletedOut, PrefixDetail, PrefixInfo, PrefixPage
@@ -51,42 +53,45 @@ async def upload_prefix(
     request: Request, principal: PrincipalDep, services: ServicesDep
 ) -> PrefixInfo:
     form = await read_upload(request, services.settings.max_upload_bytes)
-    tenant = principal.tenant_for(form.fields.get("tenant"))
+    tenant = acting_tenant(request, principal, form.fields.get("tenant"))
     annotate(request, tenant=tenant)
     artifact = await asyncio.to_thread(_artifact_of, form, tenant, services)
     quota = await services.quotas.get(tenant)
     meta = await services.store.put(artifact, limits=quota.storage_limits())
     annotate(request, prefix=meta.ref)
-    return info_of(meta)
+    return info_of(meta, services.loaded.fingerprint)
 
 
 @router.get("", response_model=PrefixPage, responses=_ERRORS, summary="List prefixes (latest)")
 async def list_prefixes(
-    principal: PrincipalDep, store: StoreDep, tenant: TenantQuery = None,
+    request: Request, principal: PrincipalDep, services: ServicesDep, tenant: TenantQuery = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
     cursor: str | None = None,
 ) -> PrefixPage:
-    page = await store.list(principal.tenant_for(tenant), limit=limit, cursor=cursor)
-    return PrefixPage(items=[info_of(m) for m in page.items], next_cursor=page.next_cursor)
+    owner = acting_tenant(request, principal, tenant)
+    page = await services.store.list(owner, limit=limit, cursor=cursor)
+    served = services.loaded.fingerprint
+    return PrefixPage(items=[info_of(m, served) for m in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/{name}", response_model=PrefixDetail, responses=_ERRORS,
             summary="A prefix's latest version and all its versions")
 async def get_prefix(
-    name: str, principal: PrincipalDep, store: StoreDep, tenant: TenantQuery = None
+    name: str, request: Request, principal: PrincipalDep, services: ServicesDep,
+    tenant: TenantQuery = None,
 ) -> PrefixDetail:
-    versions = await store.versions(principal.tenant_for(tenant), name)
-    newest_first = [info_of(m) for m in reversed(versions)]
+    versions = await services.store.versions(acting_tenant(request, principal, tenant), name)
+    newest_first = [info_of(m, services.loaded.fingerprint) for m in reversed(versions)]
     return PrefixDetail(**newest_first[0].model_dump(), versions=newest_first)
 
 
 @router.delete("/{name}", response_model=DeletedOut, responses=_ERRORS,
                summary="Delete a prefix (all versions, or ?version=N)")
 async def delete_prefix(
-    name: str, principal: PrincipalDep, store: StoreDep, tenant: TenantQuery = None,
-    version: Annotated[int | None, Query(ge=1)] = None,
+    name: str, request: Request, principal: PrincipalDep, store: StoreDep,
+    tenant: TenantQuery = None, version: Annotated[int | None, Query(ge=1)] = None,
 ) -> DeletedOut:
-    deleted = await store.delete(principal.tenant_for(tenant), name, version)
+    deleted = await store.delete(acting_tenant(request, principal, tenant), name, version)
     return DeletedOut(deleted=deleted)
 
 
@@ -105,6 +110,7 @@ def _artifact_of(form: UploadForm, tenant: str, services: Services) -> PrefixArt
     )
 
 
-def info_of(meta: PrefixMeta) -> PrefixInfo:
-    data = meta.to_dict()
-    return PrefixInfo(**data)
+def info_of(meta: PrefixMeta, served: ModelFingerprint) -> PrefixInfo:
+    """The wire form of a stored version, marked unusable when made for another model."""
+    problem = served.mismatch(meta.model)
+    return PrefixInfo(**meta.to_dict(), compatible=problem is None, incompatible_reason=problem)

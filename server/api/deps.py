@@ -47,6 +47,15 @@ def operator_principal(principal: PrincipalDep) -> Principal:
 OperatorDep = Annotated[Principal, Depends(operator_principal)]
 
 
+def acting_tenant(request: Request, principal: Principal, requested: str | None) -> str:
+    """The tenant a call acts for (`Principal.tenant_for`). When the operator names none, the
+    request is marked so that a 404 says how to name one (`errors.OPERATOR_TENANT_HINT`)."""
+    tenant = principal.tenant_for(requested)
+    if principal.is_operator and requested is None and principal.tenant is None:
+        request.state.operator_default_tenant = True
+    return tenant
+
+
 async def generation_tenant(
     request: Request,
     principal: PrincipalDep,
@@ -57,7 +66,7 @@ async def generation_tenant(
 ) -> str:
     """The tenant whose prefixes a generation call may use. A tenant the operator names must
     exist (it also labels the request in logs and metrics)."""
-    tenant = principal.tenant_for(x_tenant)
+    tenant = acting_tenant(request, principal, x_tenant)
     if x_tenant is not None and principal.is_operator and not await services.store.tenant_exists(
         tenant
     ):

@@ -94,26 +94,48 @@ def describe_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+OPERATOR_TENANT_HINT = (
+    " (the operator key acts for tenant 'default' unless a tenant is named: the X-Tenant header "
+    "on /generate and /v1/*, ?tenant= on /admin/prefixes, or prefixctl --tenant NAME)"
+)
+
+
+def _with_hint(request: Request, error: srv.ServeError) -> srv.ServeError:
+    """A 404 for an operator who named no tenant says how to name one."""
+    if isinstance(error, srv.NotFoundError) and getattr(
+        request.state, "operator_default_tenant", False
+    ):
+        return srv.NotFoundError(error.message + OPERATOR_TENANT_HINT)
+    return error
+
+
+def note_error(request: Request, error_type: str) -> None:
+    """Put the error's type on the request's log line (and its `request_errors` metric)."""
+    fields = getattr(request.state, "log", None)
+    if isinstance(fields, dict):
+        fields["error_type"] = error_type
+
+
 async def _on_serve_error(request: Request, exc: Exception) -> JSONResponse:
     error = to_serve_error(exc)
     if error is None:  # pragma: no cover - handlers are registered for mapped classes only
         raise exc
     if error.status_code >= 500:
         log.warning("request failed: %s: %s", error.type, error.message)
-    fields = getattr(request.state, "log", None)  # the access log line (and 429s by reason)
-    if isinstance(fields, dict):
-        fields["error_type"] = error.type
-    return error_response(error)
+    note_error(request, error.type)
+    return error_response(_with_hint(request, error))
 
 
 async def _on_validation(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    note_error(request, srv.ValidationError.type)
     return error_response(srv.ValidationError(describe_validation(exc)))
 
 
 async def _on_http(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     error_type = _STATUS_TYPES.get(exc.status_code, "http_error")
+    note_error(request, error_type)
     payload = error_payload(error_type, str(exc.detail))
     return JSONResponse(payload, status_code=exc.status_code, headers=exc.headers)
 

@@ -91,6 +91,11 @@ class Metrics:
             "prefix_serve_requests", "HTTP requests by route, status and tenant",
             ("route", "status", "tenant"), registry=self.registry,
         )
+        self.errors = Counter(
+            "prefix_serve_request_errors", "failed requests by route and error type (the "
+            "`type` of the error body; streamed failures included)", ("route", "type"),
+            registry=self.registry,
+        )
         self.ttft = Histogram(
             "prefix_serve_time_to_first_token_seconds", "arrival to first generated token",
             ("tenant",), buckets=_TTFT_BUCKETS, registry=self.registry,

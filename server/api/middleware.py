@@ -73,6 +73,7 @@ class RequestContextMiddleware:
             log.exception("unhandled error in %s %s (request %s)", scope["method"],
                           scope["path"], rid)
             response["status"] = 500
+            state["log"]["error_type"] = "internal_error"
             if not response["started"]:
                 await _send_internal_error(send_with_id)
         finally:
@@ -86,6 +87,8 @@ class RequestContextMiddleware:
         if status == 429:
             reason = str(fields.get("error_type", "overloaded"))
             self.metrics.rejected.labels(tenant=tenant, reason=reason).inc()
+        if fields.get("error_type"):
+            self.metrics.errors.labels(route=route, type=str(fields["error_type"])).inc()
         line = {"request_id": rid, "method": scope["method"], "path": scope["path"],
                 "status": status, "duration_s": round(duration, 6), **fields}
         level = logging.DEBUG if scope["path"] in _QUIET_PATHS else logging.INFO

@@ -1,7 +1,9 @@
-"""OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
+"""OpenAI-compatible routes: `/v1/completions`, `/v1/chat/completions`, `/v1/models[/{id}]`.
 
 `model` names a prefix (`name` or `name@N`, the caller's own) or the base model by the name
-`/v1/models` lists; the rest maps onto the same engine call as `/generate`.
+`/v1/models` lists; the rest maps onto the same engine call as `/generate`. `/v1/models` lists
+only what this server can serve: a prefix made for another base model is left out (the admin
+listing marks it).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from server.api.openai_schemas import (
 )
 from server.api.state import Services
 from server.engine.request import FinishReason, SamplingParams
+from server.errors import IncompatiblePrefixError, NotFoundError
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 _ERRORS = error_responses(400, 401, 403, 404, 422, 429, 503)
@@ -77,20 +80,43 @@ async def chat_completions(
 
 
 @router.get("/models", response_model=ModelList, responses=error_responses(401, 403, 503),
-            summary="The base model and the caller's prefixes")
+            summary="The base model and the caller's prefixes this server can use")
 async def models(tenant: GenerationTenant, services: ServicesDep, store: StoreDep) -> ModelList:
-    cards = [ModelCard(id=services.model_name, created=0, owned_by="prefix-serve")]
+    cards = [_base_card(services)]
+    served = services.loaded.fingerprint
     cursor: str | None = None
     try:
         while True:
             page = await store.list(tenant, limit=MODELS_PAGE, cursor=cursor)
             cards += [ModelCard(id=m.name, created=int(m.created_at), owned_by=tenant)
-                      for m in page.items]
+                      for m in page.items if served.mismatch(m.model) is None]
             if (cursor := page.next_cursor) is None:
                 break
     except reg.TenantNotFoundError:
         pass  # e.g. the operator acting for a tenant that has no prefixes yet
     return ModelList(data=cards)
+
+
+@router.get("/models/{model_id:path}", response_model=ModelCard,
+            responses=error_responses(401, 403, 404, 503),
+            summary="One model: the base model, or a prefix (`name` or `name@N`) of the caller's")
+async def retrieve_model(
+    model_id: str, tenant: GenerationTenant, services: ServicesDep, store: StoreDep
+) -> ModelCard:
+    if model_id == services.model_name:
+        return _base_card(services)
+    try:
+        meta = await store.get_meta(tenant, model_id)
+    except (reg.NotFoundError, reg.InvalidPrefixError) as exc:
+        raise NotFoundError(f"model {model_id!r} not found") from exc
+    problem = services.loaded.fingerprint.mismatch(meta.model)
+    if problem is not None:
+        raise IncompatiblePrefixError(f"prefix {model_id!r} can't be used: {problem}")
+    return ModelCard(id=model_id, created=int(meta.created_at), owned_by=tenant)
+
+
+def _base_card(services: Services) -> ModelCard:
+    return ModelCard(id=services.model_name, created=0, owned_by="prefix-serve")
 
 
 async def _respond(

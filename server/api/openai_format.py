@@ -20,6 +20,8 @@ from server.api.openai_schemas import (
     ChatCompletionResponse,
     ChatDelta,
     CompletionChoice,
+    CompletionChunk,
+    CompletionChunkChoice,
     CompletionResponse,
     OpenAIFinish,
     OpenAIUsage,
@@ -53,22 +55,23 @@ class CompletionFormat:
 
     def response(self, text: str, finished: Finished) -> CompletionResponse:
         choice = CompletionChoice(text=text, finish_reason=openai_finish(finished.finish_reason))
-        return self._wrap([choice], openai_usage(finished.usage))
+        return CompletionResponse(id=self.id, created=self.created, model=self.model,
+                                  choices=[choice], usage=openai_usage(finished.usage))
 
     def delta(self, text: str) -> str:
-        return self._wrap([CompletionChoice(text=text, finish_reason=None)]).model_dump_json()
+        return self._chunk([CompletionChunkChoice(text=text, finish_reason=None)]).model_dump_json()
 
     def final(self, finished: Finished) -> str:
-        choice = CompletionChoice(text="", finish_reason=openai_finish(finished.finish_reason))
-        return self._wrap([choice]).model_dump_json()
+        reason = openai_finish(finished.finish_reason)
+        return self._chunk([CompletionChunkChoice(text="", finish_reason=reason)]).model_dump_json()
 
     def usage(self, finished: Finished) -> str:
-        return self._wrap([], openai_usage(finished.usage)).model_dump_json()
+        return self._chunk([], openai_usage(finished.usage)).model_dump_json()
 
-    def _wrap(self, choices: list[CompletionChoice], usage: OpenAIUsage | None = None
-              ) -> CompletionResponse:
-        return CompletionResponse(id=self.id, created=self.created, model=self.model,
-                                  choices=choices, usage=usage)
+    def _chunk(self, choices: list[CompletionChunkChoice], usage: OpenAIUsage | None = None
+               ) -> CompletionChunk:
+        return CompletionChunk(id=self.id, created=self.created, model=self.model,
+                               choices=choices, usage=usage)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from server.api.schemas import (
     MAX_SEED,
     MAX_STOP_STRINGS,
     StopString,
+    WireOut,
 )
 from server.errors import InvalidRequestError
 
@@ -161,41 +162,59 @@ class ChatCompletionRequest(_OpenAIRequest):
 OpenAIFinish = Literal["stop", "length"]
 
 
-class OpenAIUsage(BaseModel):
+class OpenAIUsage(WireOut):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(WireOut):
     index: int = 0
     text: str
     logprobs: None = None
-    finish_reason: OpenAIFinish | None
+    finish_reason: OpenAIFinish
 
 
-class CompletionResponse(BaseModel):
+class CompletionResponse(WireOut):
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
     choices: list[CompletionChoice]
+    usage: OpenAIUsage
+
+
+class CompletionChunkChoice(WireOut):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: OpenAIFinish | None  # None until the last chunk
+
+
+class CompletionChunk(WireOut):
+    """A streamed `data:` chunk of `/v1/completions` (same shape as the response, as OpenAI's)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
     usage: OpenAIUsage | None = None
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(WireOut):
     role: Literal["assistant"] = "assistant"
     content: str
 
 
-class ChatChoice(BaseModel):
+class ChatChoice(WireOut):
     index: int = 0
     message: AssistantMessage
     logprobs: None = None
     finish_reason: OpenAIFinish
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(WireOut):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -204,19 +223,19 @@ class ChatCompletionResponse(BaseModel):
     usage: OpenAIUsage
 
 
-class ChatDelta(BaseModel):
+class ChatDelta(WireOut):
     role: Literal["assistant"] | None = None
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
+class ChatChunkChoice(WireOut):
     index: int = 0
     delta: ChatDelta
     logprobs: None = None
     finish_reason: OpenAIFinish | None = None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(WireOut):
     id: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
@@ -225,13 +244,13 @@ class ChatCompletionChunk(BaseModel):
     usage: OpenAIUsage | None = None
 
 
-class ModelCard(BaseModel):
+class ModelCard(WireOut):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str
 
 
-class ModelList(BaseModel):
+class ModelList(WireOut):
     object: Literal["list"] = "list"
     data: list[ModelCard]

@@ -24,13 +24,20 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class WireOut(BaseModel):
+    """A response body. Fields with defaults are always sent, so the OpenAPI document marks them
+    required (clients may rely on them)."""
+
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
 # --- errors -------------------------------------------------------------------------------------
-class ErrorDetail(BaseModel):
+class ErrorDetail(WireOut):
     type: str = Field(description="machine-readable error type, e.g. not_found, overloaded")
     message: str = Field(description="what went wrong, for a person")
 
 
-class ErrorBody(BaseModel):
+class ErrorBody(WireOut):
     """Every failure, streamed or not."""
 
     error: ErrorDetail
@@ -61,24 +68,24 @@ class GenerateRequest(_Body):
 FinishReasonName = Literal["stop", "length", "cancelled", "error"]
 
 
-class UsageOut(BaseModel):
+class UsageOut(WireOut):
     prompt_tokens: int
     completion_tokens: int
     prefix_tokens: int
 
 
-class TimingsOut(BaseModel):
+class TimingsOut(WireOut):
     queue_s: float
     ttft_s: float | None
     total_s: float
 
 
-class PrefixRefOut(BaseModel):
+class PrefixRefOut(WireOut):
     id: str
     version: int
 
 
-class GenerateDone(BaseModel):
+class GenerateDone(WireOut):
     """The final result without its text: the streamed `done` event's data."""
 
     id: str
@@ -92,14 +99,14 @@ class GenerateResponse(GenerateDone):
     text: str
 
 
-class DeltaOut(BaseModel):
+class DeltaOut(WireOut):
     """A streamed `delta` event's data."""
 
     text: str
 
 
 # --- prefixes -----------------------------------------------------------------------------------
-class PrefixInfo(BaseModel):
+class PrefixInfo(WireOut):
     name: str
     version: int
     tenant: str
@@ -112,6 +119,10 @@ class PrefixInfo(BaseModel):
     description: str = ""
     training: dict[str, Any] = Field(default_factory=dict)
     model: dict[str, Any] = Field(default_factory=dict, description="the model fingerprint")
+    compatible: bool = Field(
+        default=True, description="false: made for another base model; this server can't use it"
+    )
+    incompatible_reason: str | None = Field(default=None, description="why, when not compatible")
 
 
 class PrefixDetail(PrefixInfo):
@@ -120,12 +131,12 @@ class PrefixDetail(PrefixInfo):
     versions: list[PrefixInfo]
 
 
-class PrefixPage(BaseModel):
+class PrefixPage(WireOut):
     items: list[PrefixInfo]
     next_cursor: str | None
 
 
-class DeletedOut(BaseModel):
+class DeletedOut(WireOut):
     deleted: int
 
 
@@ -134,7 +145,7 @@ class TenantCreate(_Body):
     name: str = Field(pattern=NAME_PATTERN)
 
 
-class IssuedKey(BaseModel):
+class IssuedKey(WireOut):
     """A new API key: shown once, stored only as its sha256."""
 
     name: str
@@ -142,26 +153,26 @@ class IssuedKey(BaseModel):
     api_key: str
 
 
-class KeyInfo(BaseModel):
+class KeyInfo(WireOut):
     key_id: str
     created_at: float
 
 
-class TenantInfo(BaseModel):
+class TenantInfo(WireOut):
     name: str
     keys: list[KeyInfo]
 
 
-class TenantList(BaseModel):
+class TenantList(WireOut):
     items: list[TenantInfo]
 
 
-class RevokedOut(BaseModel):
+class RevokedOut(WireOut):
     revoked: str
 
 
 # --- health -------------------------------------------------------------------------------------
-class HealthOut(BaseModel):
+class HealthOut(WireOut):
     status: Literal["ok", "engine_dead"]
     detail: str | None = Field(default=None, description="why the process is not alive")
 
@@ -169,6 +180,6 @@ class HealthOut(BaseModel):
 ReadyStatus = Literal["ready", "not_ready", "shutting_down"]
 
 
-class ReadyOut(BaseModel):
+class ReadyOut(WireOut):
     status: ReadyStatus
     checks: dict[str, str] = Field(description="model, engine, registry: 'ok' or what is wrong")

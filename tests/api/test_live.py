@@ -60,6 +60,11 @@ def test_openai_client(live: LiveServer, loaded: LoadedModel) -> None:
 
     models = [m.id for m in client.models.list()]
     assert models == ["tiny-llama", "style"]
+    assert client.models.retrieve("style").id == "style"
+    assert client.models.retrieve("style@1").owned_by == "acme"
+    assert client.models.retrieve("tiny-llama").id == "tiny-llama"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-prefix")
 
 
 def test_openai_chat(live: LiveServer, loaded: LoadedModel) -> None:

@@ -107,6 +107,16 @@ def test_operator_acts_for_a_tenant(ctl: Ctl, loaded: LoadedModel, tmp_path: Pat
     assert ctl("list", "--tenant", "nobody")[0] == EXIT_API_ERROR
     code, out, _ = ctl("generate", "-p", "seed", "hello", "-n", "2", "--tenant", "globex")
     assert code == EXIT_OK and out.endswith("\n")
+    # --tenant also works before the command, like --api-key
+    code, out, _ = ctl("--tenant", "globex", "list")
+    assert code == EXIT_OK and "seed" in out and out.splitlines()[0].split()[-1] == "USABLE"
+    code, out, _ = ctl("--tenant", "globex", "generate", "-p", "seed", "hello", "-n", "2")
+    assert code == EXIT_OK
+    # Without it the operator acts for 'default', and the error says how to name a tenant.
+    code, out, err = ctl("list")
+    assert code == EXIT_API_ERROR and "prefixctl --tenant NAME" in err
+    code, out, err = ctl("generate", "-p", "seed", "hello", "-n", "2")
+    assert code == EXIT_API_ERROR and "not_found" in err and "X-Tenant" in err
 
 
 def test_usage_errors_exit_2(ctl: Ctl, tmp_path: Path) -> None:

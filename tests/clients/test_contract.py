@@ -1,0 +1,169 @@
+"""Contract: the SDK reads every response the server's OpenAPI document describes.
+
+The SDK's wire types (`clients/_types.py`) mirror the server's schemas by hand. Here every
+response schema of the document gets a reader, the code path the SDK (or, for `/v1/*`, the
+official `openai` package) uses to read that response, and instances built from the schema
+itself must be accepted with their values kept: one with only the required fields, one with every
+field, and one with every nullable field null. A new response schema without a reader fails the
+test, so a route cannot be added without the SDK's side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import openai.types
+import openai.types.chat
+import pytest
+from pydantic import BaseModel
+
+from clients import _types as sdk
+from clients._exceptions import APIStatusError, make_status_error
+from server.api.schemas import DeltaOut, GenerateDone
+from server.app import create_app
+from server.settings import Settings
+
+Reader = Callable[[dict[str, Any]], Any]
+
+
+def _error(body: dict[str, Any]) -> APIStatusError:
+    request = httpx.Request("GET", "http://server/x")
+    return make_status_error(httpx.Response(404, json=body, request=request), body)
+
+
+# Schema name -> how its JSON is read on the client side.
+READERS: dict[str, Reader] = {
+    "GenerateResponse": sdk.Generation.model_validate,
+    "GenerateDone": lambda d: sdk.Generation.model_validate({**d, "text": ""}),  # SSE `done`
+    "DeltaOut": lambda d: str(d["text"]),  # SSE `delta`
+    "PrefixInfo": sdk.PrefixInfo.model_validate,
+    "PrefixDetail": sdk.PrefixDetail.model_validate,
+    "PrefixPage": sdk.PrefixPage.model_validate,
+    "DeletedOut": lambda d: int(d["deleted"]),
+    "IssuedKey": sdk.ApiKey.model_validate,
+    "TenantList": lambda d: [sdk.Tenant.model_validate(item) for item in d["items"]],
+    "RevokedOut": lambda d: str(d["revoked"]),
+    "HealthOut": sdk.Health.model_validate,
+    "ReadyOut": sdk.Readiness.model_validate,
+    "ErrorBody": _error,
+    "CompletionResponse": openai.types.Completion.model_validate,
+    "ChatCompletionResponse": openai.types.chat.ChatCompletion.model_validate,
+    "ModelCard": openai.types.Model.model_validate,
+    "ModelList": lambda d: [openai.types.Model.model_validate(m) for m in d["data"]],
+}
+
+
+def openapi() -> dict[str, Any]:
+    document: dict[str, Any] = create_app(Settings(model="m", auth_disabled=True)).openapi()
+    return document
+
+
+def response_schemas(document: dict[str, Any]) -> set[str]:
+    """Names of the component schemas that some route answers with (any status)."""
+    names = set()
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            for response in operation.get("responses", {}).values():
+                for content in response.get("content", {}).values():
+                    ref = content.get("schema", {}).get("$ref", "")
+                    if ref.startswith("#/components/schemas/"):
+                        names.add(ref.rsplit("/", 1)[1])
+    return names
+
+
+DOCUMENT = openapi()
+COMPONENTS = DOCUMENT["components"]["schemas"]
+STREAMED = {  # SSE event data: not in the document's components
+    "DeltaOut": DeltaOut.model_json_schema(mode="serialization"),
+    "GenerateDone": GenerateDone.model_json_schema(mode="serialization"),
+}
+
+
+
+def test_every_response_schema_has_a_reader() -> None:
+    described = response_schemas(DOCUMENT)
+    assert {"GenerateResponse", "PrefixPage", "ErrorBody", "ModelCard"} <= described
+    missing = sorted(described - set(READERS))
+    assert not missing, f"response schemas the SDK contract does not cover: {missing}"
+
+
+MODES = ("required", "full", "nulls")
+
+
+def instance(schema: dict[str, Any], mode: str) -> Any:
+    """A JSON value that `schema` allows: only required properties ("required"), all of them
+    ("full"), or all of them with null wherever null is allowed ("nulls")."""
+    if "$ref" in schema:
+        return instance(_definition(schema["$ref"]), mode)
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][-1 if mode == "full" else 0]
+    options = schema.get("anyOf") or schema.get("oneOf")
+    if options:
+        nullable = any(o.get("type") == "null" for o in options)
+        if mode == "nulls" and nullable:
+            return None
+        return instance(next(o for o in options if o.get("type") != "null"), mode)
+    return _typed(schema, mode)
+
+
+def _typed(schema: dict[str, Any], mode: str) -> Any:
+    kind = schema.get("type")
+    if kind == "object" or "properties" in schema:
+        properties = schema.get("properties", {})
+        keys = schema.get("required", []) if mode == "required" else list(properties)
+        value = {key: instance(properties[key], mode) for key in keys}
+        extra = schema.get("additionalProperties")
+        if not properties and isinstance(extra, dict) and mode != "required":
+            value["some_key"] = instance(extra, mode)
+        return value
+    if kind == "array":
+        return [] if mode == "required" else [instance(schema.get("items", {}), mode)]
+    samples = {"string": "psk-x1", "integer": 3, "number": 1.5, "boolean": mode == "full",
+               "null": None}
+    return samples.get(kind, "any") if isinstance(kind, str) else "any"
+
+
+def _definition(ref: str) -> dict[str, Any]:
+    name = ref.rsplit("/", 1)[1]
+    for table in (COMPONENTS, *(s.get("$defs", {}) for s in STREAMED.values())):
+        if name in table:
+            found: dict[str, Any] = table[name]
+            return found
+    raise KeyError(ref)
+
+
+def _schema(name: str) -> dict[str, Any]:
+    return STREAMED[name] if name in STREAMED else COMPONENTS[name]
+
+
+def _scalars_kept(parsed: Any, data: dict[str, Any]) -> None:
+    """Every scalar field the client model has keeps the server's value."""
+    if isinstance(parsed, APIStatusError):
+        assert (parsed.type, parsed.message) == (data["error"]["type"], data["error"]["message"])
+        return
+    if not isinstance(parsed, BaseModel):
+        return
+    for key, value in data.items():
+        if key in type(parsed).model_fields and isinstance(value, str | int | float | bool):
+            assert getattr(parsed, key) == value, key
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", sorted(READERS))
+def test_the_client_accepts_what_the_schema_allows(name: str, mode: str) -> None:
+    if name not in STREAMED and name not in COMPONENTS:
+        pytest.fail(f"{name} is no longer a schema of the server: drop its reader")
+    data = instance(_schema(name), mode)
+    _scalars_kept(READERS[name](data), data)
+
+
+def test_the_check_can_fail() -> None:
+    """An instance without a field the client needs is refused."""
+    data = instance(_schema("GenerateResponse"), "full")
+    del data["usage"]
+    with pytest.raises(ValueError):  # pydantic's ValidationError is a ValueError
+        READERS["GenerateResponse"](data)
