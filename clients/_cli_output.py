@@ -111,6 +111,10 @@ def prefix_detail(detail: PrefixDetail, *, as_json: bool) -> None:
     }
     for key, value in fields.items():
         print(f"{key + ':':13}{value}")
+    if detail.training:
+        print("training:")
+        for key, value in detail.training.items():
+            print(f"  {key + ':':20}{value}")
     if detail.versions:
         print("versions:")
         table(_PREFIX_COLUMNS, [_prefix_row(v) for v in detail.versions], indent="  ")
@@ -136,7 +140,10 @@ def deleted(name: str, count: int, *, as_json: bool) -> None:
 # --- tenants ------------------------------------------------------------------------------------
 
 
-def new_key(key: ApiKey, *, created_tenant: bool, as_json: bool) -> None:
+def new_key(key: ApiKey, *, created_tenant: bool, as_json: bool, key_only: bool = False) -> None:
+    if key_only:
+        print(key.api_key)
+        return
     if as_json:
         print_json(key)
         return

@@ -126,7 +126,8 @@ def cmd_delete(client: PrefixClient, args: argparse.Namespace) -> int:
 
 
 def cmd_tenant_create(client: PrefixClient, args: argparse.Namespace) -> int:
-    out.new_key(client.create_tenant(args.name), created_tenant=True, as_json=args.json)
+    key = client.create_tenant(args.name)
+    out.new_key(key, created_tenant=True, as_json=args.json, key_only=args.print_key)
     return EXIT_OK
 
 
@@ -136,7 +137,8 @@ def cmd_tenant_list(client: PrefixClient, args: argparse.Namespace) -> int:
 
 
 def cmd_tenant_create_key(client: PrefixClient, args: argparse.Namespace) -> int:
-    out.new_key(client.create_key(args.name), created_tenant=False, as_json=args.json)
+    key = client.create_key(args.name)
+    out.new_key(key, created_tenant=False, as_json=args.json, key_only=args.print_key)
     return EXIT_OK
 
 
@@ -261,11 +263,13 @@ def _add_tenant_commands(
     actions = tenant.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = actions.add_parser("create", parents=[common], help="create a tenant and its first key")
     p.add_argument("name")
+    _print_key_option(p)
     p.set_defaults(handler=cmd_tenant_create)
     p = actions.add_parser("list", parents=[common], help="tenants and their key ids")
     p.set_defaults(handler=cmd_tenant_list)
     p = actions.add_parser("create-key", parents=[common], help="a new key for a tenant")
     p.add_argument("name")
+    _print_key_option(p)
     p.set_defaults(handler=cmd_tenant_create_key)
     p = actions.add_parser("revoke-key", parents=[common], help="revoke a tenant's key")
     p.add_argument("name")
@@ -314,6 +318,11 @@ def _or_default(parse: Callable[[str], Any]) -> Callable[[str], Any]:
         return None if text.strip().lower() == "default" else parse(text)
     value.__name__ = getattr(parse, "__name__", "value")  # argparse names it in errors
     return value
+
+
+def _print_key_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--print-key", action="store_true",
+                        help="print only the new API key (for scripts: KEY=$(prefixctl ...))")
 
 
 if __name__ == "__main__":

@@ -5,18 +5,27 @@ a small built-in corpus (any text still encodes). The model knows nothing, which
 demonstration: whatever style it produces comes from the prefix.
 
     python examples/make_tiny_model.py /tmp/tiny-llama
+
+The tests build their tiny models with the same tokenizer builder (`tests/tiny.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
 
 EOS = "<|endoftext|>"
+SPECIAL_TOKENS = [EOS, "<|user|>", "<|assistant|>", "<|system|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -30,15 +39,18 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    vocab_size: int = 512, corpus: Sequence[str] = CORPUS, repeat: int = 8
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style) trained on `corpus`: any text still encodes."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS, "<|user|>", "<|assistant|>"],
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 8, trainer=trainer)
+    tok.train_from_iterator(list(corpus) * repeat, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS,
                                    unk_token=EOS, pad_token=EOS)
     fast.chat_template = CHAT_TEMPLATE
@@ -46,12 +58,20 @@ def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
 
 
 def make_model(directory: Path, seed: int = 0) -> Path:
+    """The quick start's model: a Llama with 4 layers, hidden 128."""
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )
+    return save_random_model(config, tokenizer, directory, seed)
+
+
+def save_random_model(
+    config: PretrainedConfig, tokenizer: PreTrainedTokenizerFast, directory: Path, seed: int = 0
+) -> Path:
+    """Build `config` with random weights and save it with `tokenizer`, like a downloaded model."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # larger-than-default random weights: outputs depend on the context

@@ -1,18 +1,15 @@
 """Tiny random-weight models of every supported family, saved like a user's model.
 
-Tests build a model from a config, save it with `save_pretrained` (with a byte-level BPE tokenizer
-built here, so nothing comes from a hub) and then load it through `server.models.loader`, the
-same path a user's model directory takes.
+Tests build a model from a config and save it with `save_pretrained`, with the tokenizer and the
+saving code of `examples/make_tiny_model.py` (nothing comes from a hub), then load it through
+`server.models.loader`, the same path a user's model directory takes.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
-    AutoModelForCausalLM,
     GPT2Config,
     GPTNeoXConfig,
     LlamaConfig,
@@ -22,13 +19,13 @@ from transformers import (
     Qwen3Config,
 )
 
+from examples.make_tiny_model import CHAT_TEMPLATE, EOS, save_random_model
+from examples.make_tiny_model import build_tokenizer as make_tokenizer
+
+__all__ = ["CHAT_TEMPLATE", "EOS", "FAMILIES", "build_tokenizer", "make_tiny_model", "tiny_config"]
+
 FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "gpt_neox")
 
-EOS = "<|endoftext|>"
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
 _CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "hello world, this is a tiny tokenizer for tests",
@@ -40,22 +37,8 @@ _CORPUS = [
 
 
 def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2 style): any text encodes, multi-byte chars split."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS, "<|user|>", "<|assistant|>", "<|system|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=EOS
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    """The example's byte-level BPE tokenizer, trained on a corpus with multi-byte characters."""
+    return make_tokenizer(vocab_size, corpus=_CORPUS, repeat=4)
 
 
 def tiny_config(family: str, vocab_size: int) -> PretrainedConfig:
@@ -88,14 +71,4 @@ def tiny_config(family: str, vocab_size: int) -> PretrainedConfig:
 def make_tiny_model(family: str, directory: Path, seed: int = 0) -> Path:
     """Build, randomly initialise and save a tiny `family` model + tokenizer into `directory`."""
     tokenizer = build_tokenizer()
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)))
-    # Bigger-than-default weights so different prefixes give clearly different outputs.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.08)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_random_model(tiny_config(family, len(tokenizer)), tokenizer, directory, seed)

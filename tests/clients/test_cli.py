@@ -54,6 +54,10 @@ def test_tenant_commands(ctl: Ctl) -> None:
     code, out, err = ctl("tenant", "create", "acme")
     assert (code, out) == (EXIT_API_ERROR, "") and err.startswith("error: conflict: ")
     assert len(err.splitlines()) == 1
+    code, out, err = ctl("tenant", "create", "initech", "--print-key")
+    assert code == EXIT_OK and out.startswith("psk-") and len(out.split()) == 1 and err == ""
+    code, out, _ = ctl("tenant", "create-key", "initech", "--print-key")
+    assert code == EXIT_OK and out.startswith("psk-") and len(out.split()) == 1
 
 
 def test_prefix_commands_and_generation(
@@ -170,3 +174,17 @@ def test_installed_script_and_module(server: LiveServer) -> None:
     assert done.returncode == EXIT_API_ERROR and done.stdout == ""
     assert done.stderr.startswith("error: authentication_error: ")
     assert len(done.stderr.splitlines()) == 1
+
+
+def test_show_prints_the_training_block(capsys: pytest.CaptureFixture[str]) -> None:
+    from clients._cli_output import prefix_detail
+    from clients._types import PrefixDetail
+
+    detail = PrefixDetail(name="formal", version=1, form="p_theta", prefix_len=10,
+                          dtype="float32", sha256="ab", size_bytes=20480, created_at=0.0,
+                          training={"steps": 140, "val_loss": 0.15}, compatible=False,
+                          incompatible_reason="prefix was made for another model")
+    prefix_detail(detail, as_json=False)
+    out = capsys.readouterr().out
+    assert "training:" in out and "steps:" in out and "140" in out and "0.15" in out
+    assert "usable:      no: prefix was made for another model" in out
