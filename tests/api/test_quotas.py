@@ -207,31 +207,62 @@ async def test_uploads_stay_within_the_prefix_count_and_stored_bytes(
         assert (await upload(client, other, "x", {"p.safetensors": tensors})).status_code == 201
 
 
-# --- the per-tenant queue cap (enforced by the engine) ------------------------------------------
+# --- the per-tenant caps (enforced by the engine) -----------------------------------------------
+
+
+async def test_a_tenant_at_its_running_cap_leaves_free_slots_to_others(
+    make_settings: SettingsFactory, loaded: LoadedModel
+) -> None:
+    """Two slots; acme may run one request at a time: its second waits although a slot is free,
+    and beta's request takes that slot and finishes while acme's first still runs."""
+    async with serve(make_settings(max_batch_size=2, max_queue=8), loaded) as served:
+        client, engine = served.client, served.services.engine
+        assert engine is not None
+        acme = await create_tenant(client, "acme")
+        beta = await create_tenant(client, "beta")
+        await patch(client, "acme", max_running=1)
+        first = asyncio.create_task(client.post("/generate", headers=auth(acme), json=LONG))
+        await _until(lambda: engine.stats().running == 1, timeout=30)
+        second = asyncio.create_task(client.post("/generate", headers=auth(acme), json=LONG))
+        await _until(lambda: engine.stats().waiting == 1, timeout=30)
+        await asyncio.sleep(0.2)  # steps go by: acme's second stays out of the free slot
+        assert (engine.stats().running, engine.stats().waiting) == (1, 1)
+        light = await client.post("/generate", headers=auth(beta),
+                                  json={"prompt": "hi", "max_new_tokens": 2})
+        assert light.status_code == 200
+        assert not first.done() and not second.done()  # beta did not wait for acme's
+        for task in (first, second):  # hanging up cancels them in the engine
+            task.cancel()
+        await asyncio.gather(first, second, return_exceptions=True)
+        await _until(lambda: engine.stats().running + engine.stats().waiting == 0, timeout=30)
+
+
 
 
 async def test_a_tenant_beyond_its_queue_cap_gets_429_and_others_are_served(
     make_settings: SettingsFactory, loaded: LoadedModel
 ) -> None:
-    """One slot: acme's long request runs, one of acme's waits (its cap is 1), so acme's next is
-    refused while beta's still queues and is served."""
-    async with serve(make_settings(max_batch_size=1, max_queue=8), loaded) as served:
+    """acme may run one request and queue one: its third is refused, for acme alone, while
+    beta's request takes the free slot and is served."""
+    async with serve(make_settings(max_batch_size=2, max_queue=8), loaded) as served:
         client, engine = served.client, served.services.engine
+        assert engine is not None
         acme = await create_tenant(client, "acme")
         beta = await create_tenant(client, "beta")
-        await patch(client, "acme", max_queued=1)
+        await patch(client, "acme", max_running=1, max_queued=1)
         running = asyncio.create_task(client.post("/generate", headers=auth(acme), json=LONG))
         await _until(lambda: engine.stats().running == 1, timeout=30)
         waiting = asyncio.create_task(client.post("/generate", headers=auth(acme), json=LONG))
         await _until(lambda: engine.stats().waiting == 1, timeout=30)
         refused = await client.post("/generate", headers=auth(acme), json=LONG)
-        light = asyncio.create_task(client.post(
-            "/generate", headers=auth(beta), json={"prompt": "hi", "max_new_tokens": 2}))
-        await _until(lambda: engine.stats().waiting == 2 or light.done(), timeout=30)
+        light = await client.post("/generate", headers=auth(beta),
+                                  json={"prompt": "hi", "max_new_tokens": 2})
+        for task in (running, waiting):  # hanging up cancels them in the engine
+            task.cancel()
+        await asyncio.gather(running, waiting, return_exceptions=True)
+        assert light.status_code == 200
         assert_error(refused, 429, "tenant_queue_full")
         assert int(refused.headers["retry-after"]) >= 1
-        assert (await light).status_code == 200
-        assert (await running).status_code == (await waiting).status_code == 200
 
 
 # --- per-tenant metrics -------------------------------------------------------------------------
