@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,6 +13,7 @@ import httpx
 import openai
 import pytest
 
+from server.engine import Engine
 from server.models.loader import LoadedModel
 from tests.api.conftest import SettingsFactory
 from tests.api.helpers import (
@@ -98,9 +100,19 @@ def test_openai_errors(live: LiveServer) -> None:
         bad.models.list()
 
 
-def test_disconnect_mid_stream_frees_the_request(live: LiveServer) -> None:
+def _slow_steps(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each engine step takes at least 10 ms, so a 240-token request outlives the time it takes
+    the server to notice a closed connection, however fast or loaded the machine is."""
+    run = engine.runner.run
+    monkeypatch.setattr(engine.runner, "run", lambda work: time.sleep(0.01) or run(work))
+
+
+def test_disconnect_mid_stream_frees_the_request(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     key = new_tenant(live, "acme")
     engine = live.services.engine
+    _slow_steps(engine, monkeypatch)
     body = {"prompt": PROMPT, "max_new_tokens": 240, "stream": True}
     with httpx.Client(base_url=live.url, timeout=30) as client, client.stream(
         "POST", "/generate", headers=auth(key), json=body
@@ -117,10 +129,11 @@ def test_disconnect_mid_stream_frees_the_request(live: LiveServer) -> None:
 
 
 def test_disconnect_while_waiting_for_a_whole_response_frees_the_request(
-    live: LiveServer,
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     key = new_tenant(live, "acme")
     engine = live.services.engine
+    _slow_steps(engine, monkeypatch)
     body = json.dumps({"prompt": PROMPT, "max_new_tokens": 240}).encode()
     host, port = live.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as sock:
