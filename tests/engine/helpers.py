@@ -1,14 +1,20 @@
-"""Test helpers: prefixes and the independent reference (the model's own forward, no engine)."""
+"""Test helpers: prefixes, the independent reference (the model's own forward, no engine), a
+started engine, and a step-by-step trace of what an engine computed."""
 
 from __future__ import annotations
 
 import hashlib
+import threading
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 
 import torch
 
 from server.engine import Engine, EngineConfig, PrefixSource
+from server.engine.request import Request
+from server.engine.scheduler import Work
 from server.models.loader import LoadedModel
 from server.models.prefix_kv import forward_with_prefix, prefix_kv
 
@@ -63,3 +69,72 @@ async def running(loaded: LoadedModel, **config: object) -> AsyncIterator[Engine
         yield engine
     finally:
         engine.shutdown_now()
+
+
+@dataclass
+class StepTrace:
+    """What a running engine did, step by step, recorded on its own thread: each step's work
+    (what the runner was asked to compute) and the step from which each request could run.
+
+    It wraps the real runner and scheduler (both still do all the work), so tests can count
+    tokens and steps instead of timing anything. `hold_at` stops the engine thread inside that
+    step (1-based) until `release` is set, so a test can place an arrival at a known step.
+    """
+
+    steps: list[list[Work]] = field(default_factory=list)  # step -> the work it computed
+    arrivals: dict[str, int] = field(default_factory=dict)  # request id -> first step it may run
+    tenants: dict[str, str] = field(default_factory=dict)  # request id -> tenant name
+    hold_at: int | None = None
+    reached: threading.Event = field(default_factory=threading.Event)
+    release: threading.Event = field(default_factory=threading.Event)
+
+    @classmethod
+    def attach(cls, engine: Engine, hold_at: int | None = None) -> StepTrace:
+        trace = cls(hold_at=hold_at)
+        run, add = engine.runner.run, engine.scheduler.add
+
+        def traced_run(work: list[Work]) -> torch.Tensor:
+            trace.steps.append(list(work))
+            if len(trace.steps) == trace.hold_at:
+                trace.reached.set()
+                trace.release.wait(timeout=120)
+            return run(work)
+
+        def traced_add(request: Request) -> None:
+            trace.arrivals[request.request_id] = len(trace.steps)
+            trace.tenants[request.request_id] = request.tenant.name
+            add(request)
+
+        engine.runner.run = traced_run  # type: ignore[method-assign]
+        engine.scheduler.add = traced_add  # type: ignore[method-assign]
+        return trace
+
+    def admitted(self) -> dict[str, int]:
+        """Request id -> the step it first computed in."""
+        first: dict[str, int] = {}
+        for step, work in enumerate(self.steps):
+            for item in work:
+                first.setdefault(item.request.request_id, step)
+        return first
+
+    def token_steps(self, request_id: str) -> list[int]:
+        """The steps that sampled a token for `request_id`."""
+        return [step for step, work in enumerate(self.steps) for item in work
+                if item.request.request_id == request_id and item.samples]
+
+    def backlogged(self, tenant: str) -> list[bool]:
+        """Per step: `tenant` had a request waiting when the step was scheduled."""
+        admitted, never = self.admitted(), len(self.steps)
+        waits = [(self.arrivals[rid], admitted.get(rid, never))
+                 for rid, name in self.tenants.items() if name == tenant]
+        return [any(a <= step <= b for a, b in waits) for step in range(len(self.steps))]
+
+    def service(self, step: int, prompt_weight: float, output_weight: float) -> Counter[str]:
+        """Tenant -> weighted tokens the step computed for it: prompt tokens plus tokens made."""
+        served: Counter[str] = Counter()
+        for item in self.steps[step]:
+            prompt = len(item.request.prompt_ids)
+            prompt_tokens = max(0, min(item.start + item.length, prompt) - item.start)
+            served[item.request.tenant.name] += (prompt_weight * prompt_tokens
+                                                 + output_weight * item.samples)
+        return served
