@@ -11,7 +11,9 @@ Two policies behind one interface, `WaitQueue`:
   time banks no credit. With one tenant it is FIFO. Two tenants that stay backlogged over an
   interval receive service within `2 * max(prompt_weight * L_prompt, output_weight * M)` of
   each other (per unit of weight), where `L_prompt` is the longest prompt and `M` the most
-  tokens the running batch can hold.
+  tokens the running batch can hold. A tenant at its running cap (not `eligible`) sets no
+  floor for the lift: its counter lags by design, and a newcomer lifted only to it would take
+  every free slot from the tenants it competes with until it caught up.
 
 Service is counted in weighted tokens: `prompt_weight` per prompt token (charged when the request
 is admitted) plus `output_weight` per generated token (charged as tokens are made), divided by
@@ -19,9 +21,10 @@ the tenant's `TenantShare.weight`. The defaults (1 and 2) are the paper's: an ou
 about twice a prompt token (it needs its own forward step, while a prompt is computed in bulk).
 
 The scheduler's side of the contract, per request:
-`add` on arrival -> `next(eligible)` to peek -> `admitted` when it takes the request ->
-`generated` for every token it makes; `requeue` when it is preempted (it goes back first in its
-tenant's line and is not charged again); `remove` when it is cancelled while waiting.
+`add(request, eligible)` on arrival -> `next(eligible)` to peek -> `admitted` when it takes the
+request -> `generated` for every token it makes; `requeue` when it is preempted (it goes back
+first in its tenant's line and is not charged again); `remove` when it is cancelled while
+waiting.
 `eligible` is meant per tenant (e.g. "below its running cap"): a tenant's requests are offered
 in its own order, so a tenant's later request never overtakes its earlier one.
 """
@@ -43,11 +46,17 @@ POLICIES: tuple[Policy, ...] = ("vtc", "fifo")
 Eligible = Callable[[Request], bool]
 
 
+def anyone(request: Request) -> bool:
+    """The eligibility of a queue without caps: every request may be admitted."""
+    return True
+
+
 class WaitQueue(Protocol):
     """The requests waiting for admission, and the order they are admitted in."""
 
-    def add(self, request: Request) -> None:
-        """A new arrival joins the end of its tenant's line."""
+    def add(self, request: Request, eligible: Eligible = anyone) -> None:
+        """A new arrival joins the end of its tenant's line; `eligible` is what `next` will be
+        asked with (it tells which waiting tenants compete for admission now)."""
         ...
 
     def requeue(self, request: Request) -> None:
@@ -179,7 +188,7 @@ class FifoQueue(_Queue):
         self._queue: deque[Request] = deque()
         self._per_tenant: dict[str, int] = {}
 
-    def add(self, request: Request) -> None:
+    def add(self, request: Request, eligible: Eligible = anyone) -> None:
         self._count(self._enter(request), +1)
         self._queue.append(request)
 
@@ -227,10 +236,10 @@ class VirtualTokenCounter(_Queue):
         self._lines: dict[str, deque[Request]] = {}  # backlogged tenants only, oldest first
         self._last: str | None = None  # the tenant admitted last (the paper's `l`)
 
-    def add(self, request: Request) -> None:
+    def add(self, request: Request, eligible: Eligible = anyone) -> None:
         tenant = self._enter(request)
         if tenant not in self._lines:
-            self._lift(tenant)
+            self._lift(tenant, eligible)
             self._lines[tenant] = deque()
         self._lines[tenant].append(request)
 
@@ -257,12 +266,14 @@ class VirtualTokenCounter(_Queue):
         line = self._lines.get(tenant)
         return len(line) if line is not None else 0
 
-    def _lift(self, tenant: str) -> None:
-        """A tenant that was not backlogged starts at the least backlogged counter (or the last
-        admitted tenant's when no one waits), unless its own is higher."""
+    def _lift(self, tenant: str, eligible: Eligible) -> None:
+        """A tenant that was not backlogged starts at the least counter of the backlogged
+        tenants that may be admitted now (or the last admitted tenant's when there are none),
+        unless its own is higher."""
         counters = self._counters
-        if self._lines:
-            floor = min(counters.get(t, 0.0) for t in self._lines)
+        competing = [counters.get(t, 0.0) for t, line in self._lines.items() if eligible(line[0])]
+        if competing:
+            floor = min(competing)
         elif self._last is not None:
             floor = counters.get(self._last, 0.0)
         else:

@@ -69,7 +69,7 @@ class Scheduler:
 
     def add(self, request: Request) -> None:
         request.status = Status.WAITING
-        self.queue.add(request)
+        self.queue.add(request, self._eligible)
 
     def schedule(self, now: float) -> StepPlan:
         plan = StepPlan()

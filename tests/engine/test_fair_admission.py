@@ -132,6 +132,34 @@ async def test_a_tenant_with_weight_two_gets_twice_the_service(load_tiny) -> Non
     assert shared.service["gold"] / shared.service["basic"] == pytest.approx(2.0, rel=0.1)
 
 
+async def test_a_tenant_at_its_running_cap_lets_no_newcomer_bank_credit(load_tiny) -> None:
+    """"capped" (at most 1 running) falls behind "steady" in service, as its cap wants. When
+    "late" arrives, it must be lifted to the counter of the tenants it competes with, not to
+    the capped tenant's: otherwise it takes every free slot from "steady" until it has caught
+    up with service it never asked for, and the two break the bound."""
+
+    def requests(tenant: str, count: int, cap: int | None = None) -> list[EngineRequest]:
+        return [_request(tenant, 4, 8, f"{tenant}-{i}", seed=i, max_running=cap)
+                for i in range(count)]
+
+    async with running(load_tiny("llama"), max_batch_size=4) as engine:
+        trace = StepTrace.attach(engine, hold_at=100)
+        early = requests("capped", 40, cap=1) + requests("steady", 150)
+        streams = [engine.submit(r) for r in early]
+        try:
+            assert await asyncio.to_thread(trace.reached.wait, 120)
+            streams += [engine.submit(r) for r in requests("late", 100)]
+        finally:
+            trace.release.set()
+        await asyncio.gather(*(s.collect() for s in streams))
+        preemptions = engine.stats().preemptions
+    shared = _measure(trace, {"late": 1.0, "steady": 1.0}, preemptions)
+    bound = _bound(max_batch_size=4, max_prompt=4, max_output=8)  # 192
+    assert shared.preemptions == 0
+    assert min(shared.service.values()) > 3 * bound, shared
+    assert shared.gap <= bound, shared
+
+
 # --- a light tenant beside a flood ---------------------------------------------------------------
 
 BATCH = 8  # max_batch_size: the flood saturates it

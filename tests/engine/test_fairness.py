@@ -187,7 +187,7 @@ def test_weights_give_proportional_shares() -> None:
 class _NoLift(VirtualTokenCounter):
     """VTC without the lift on arrival: what the lift is for."""
 
-    def _lift(self, tenant: str) -> None:
+    def _lift(self, tenant: str, eligible: fairness.Eligible) -> None:
         pass
 
 
@@ -243,6 +243,32 @@ def test_a_tenant_that_waits_keeps_waiting_without_a_lift() -> None:
     queue.admitted(b1)
     assert queue.counters()["b"] == 11.0 and queue.waiting("b") == 1
 
+
+
+def test_a_tenant_at_its_running_cap_sets_no_floor_for_a_newcomer() -> None:
+    """A capped tenant's counter lags by design; lifting a newcomer only to it would bank the
+    newcomer credit against the tenants it really competes with."""
+    queue = VirtualTokenCounter()
+    capped = [_request("capped", prompt=10, max_running=1) for _ in range(2)]
+    busy = [_request("busy", prompt=50) for _ in range(2)]
+    for r in (*capped, *busy):
+        queue.add(r)
+    queue.admitted(capped[0])  # capped: 10, at its cap, one more waiting
+    queue.admitted(busy[0])  # busy: 50, one more waiting
+
+    def below_cap(r: Request) -> bool:
+        return r.spec.tenant.name != "capped"
+
+    new, uncapped = _request("new"), _request("uncapped")
+    queue.add(new, below_cap)
+    assert queue.counters()["new"] == 50.0  # busy's, not capped's 10
+    queue.add(uncapped)  # a queue told of no caps: the least backlogged counter
+    assert queue.counters()["uncapped"] == 10.0
+    queue.remove(new)
+    queue.remove(uncapped)
+    queue.admitted(busy[1])  # busy: 100; now only capped waits
+    queue.add(_request("last"), below_cap)  # no one competes: the last admitted tenant's
+    assert queue.counters()["last"] == 100.0
 
 # --- requeue, remove, eligibility ---------------------------------------------------------------
 
