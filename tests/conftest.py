@@ -4,6 +4,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from server.models.loader import LoadedModel, load_model
 from tests.redis_ns import REDIS_URL, RUN_NAMESPACE, delete_namespace, new_namespace, redis_error
@@ -22,6 +23,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
         return built[(family, seed)]
 
     return get
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test: for hundreds of tiny engine steps on a busy 2-core machine,
+    a second thread makes each step wait for the other core, tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

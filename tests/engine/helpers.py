@@ -77,8 +77,9 @@ class StepTrace:
     (what the runner was asked to compute) and the step from which each request could run.
 
     It wraps the real runner and scheduler (both still do all the work), so tests can count
-    tokens and steps instead of timing anything. `hold_at` stops the engine thread inside that
-    step (1-based) until `release` is set, so a test can place an arrival at a known step.
+    tokens and steps instead of timing anything. `hold_at` stops the engine thread once, inside
+    that step (1-based) or the first one after it is set, until `release` is set, so a test can
+    place an arrival at a known step.
     """
 
     steps: list[list[Work]] = field(default_factory=list)  # step -> the work it computed
@@ -95,7 +96,8 @@ class StepTrace:
 
         def traced_run(work: list[Work]) -> torch.Tensor:
             trace.steps.append(list(work))
-            if len(trace.steps) == trace.hold_at:
+            hold = trace.hold_at
+            if hold is not None and len(trace.steps) >= hold and not trace.reached.is_set():
                 trace.reached.set()
                 trace.release.wait(timeout=120)
             return run(work)

@@ -16,27 +16,16 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import torch
 
 from server.engine import EngineRequest, SamplingParams, TenantShare
 from server.models.loader import LoadedModel
 from tests.engine.helpers import StepTrace, running
 
 W_PROMPT, W_OUTPUT = 1.0, 2.0  # the engine's default service weights
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Hundreds of tiny steps: on a busy 2-core machine a second torch thread makes each step
-    wait for the other core, tens of times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # hundreds of tiny steps each
 
 
 def _request(tenant: str, prompt: int, new_tokens: int, rid: str, weight: float = 1.0,
