@@ -1,7 +1,7 @@
 """Capacity: requests running at once in a fixed KV budget, against the ideal.
 
 A real `prefix-serve` process serves the bench model (`common.BENCH_LLAMA`, float32, 32 KiB of
-K/V per token) with `--kv-cache-mb` fixed (64; 32 with `--quick`) and `--max-batch-size` raised
+K/V per token) with `--kv-cache-mb` fixed (64; 48 with `--quick`) and `--max-batch-size` raised
 to the number of requests, so that memory and not the cap limits the batch. A tenant uploads four
 prefixes of 100 tokens; a client in its own process sends all requests at once (prompts of 8-12
 tokens, 16 greedy tokens each) while sampling `/metrics` every 20 ms. Reported: the peak of
@@ -46,7 +46,7 @@ MiB = 2**20
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
-    budget_mb = args.kv_cache_mb or (32 if args.quick else 64)
+    budget_mb = args.kv_cache_mb or (48 if args.quick else 64)
     model_dir = build_model(MODEL_DIR, BENCH_LLAMA)
     loaded = load_model(str(model_dir), dtype="float32", device="cpu")
     fp = loaded.fingerprint
@@ -106,22 +106,28 @@ def summarize(args: argparse.Namespace, budget_mb: int, per_token: int, own_toke
     ]
     if block:
         per_request = -(-own_tokens // block) * block
-        blocked = int((budget_mb * MiB - 4 * PREFIX_LEN * per_token) // (per_request * per_token))
+        prefix_tokens = 4 * -(-PREFIX_LEN // block) * block
+        blocked = int((budget_mb * MiB // per_token - prefix_tokens) // per_request)
         lines.append(("ideal in whole blocks", f"{blocked} ({block}-token blocks); peak / that "
                                                f"{peak / max(1, blocked):.2f}x"))
+    preempted = max((s.get("prefix_serve_preemptions_total", 0.0) for s in samples), default=0)
+    lines.append(("preemptions", f"{preempted:g} (a request holds blocks only for the tokens it"
+                                 " has so far, so more can run than the ideal until some are"
+                                 " preempted)"))
     lines.append(("peak KV metrics", ", ".join(f"{k} {v:g}" for k, v in kv_peaks.items())
                   or "none reported"))
     if "error" in result:
         lines.append(("server error", result["error"].strip().splitlines()[-1][:300]))
     report("capacity", "Capacity in a fixed KV budget", lines,
            {"quick": args.quick, "budget_mb": budget_mb, "ideal": ideal, "peak": peak,
-            "ratio": peak / ideal, "block_tokens": block, "kv_metric_peaks": kv_peaks,
+            "ratio": peak / ideal, "block_tokens": block, "preemptions": preempted,
+            "kv_metric_peaks": kv_peaks,
             "wall_s": result["wall_s"]}, args.results_dir)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 MiB and twice the ideal")
+    parser.add_argument("--quick", action="store_true", help="48 MiB and twice the ideal")
     parser.add_argument("--kv-cache-mb", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS for the server")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
