@@ -3,10 +3,13 @@
 Entries are keyed by (tenant, ref) as the caller asked (`name` or `name@N`); a change to
 (tenant, name) from any process drops every entry of that name, and a listener reconnect (changes
 possibly missed) drops everything. A fetch that raced with an invalidation is not cached.
+Concurrent misses of one (tenant, ref) share one fetch: a cold burst reads a prefix once, not once
+per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict
 
 from prefix_registry.artifact import PrefixArtifact
@@ -26,6 +29,7 @@ class CachedStore:
         self._bytes = 0
         self._generation = 0  # bumped by every invalidation; guards fetches in flight
         self._subscription: Subscription | None = None
+        self._inflight: dict[tuple[str, str, int], asyncio.Future[PrefixArtifact]] = {}
 
     async def start(self) -> None:
         """Subscribe to the store's changes (call once, inside the event loop)."""
@@ -44,7 +48,21 @@ class CachedStore:
             self._entries.move_to_end(key)
             return self._entries[key]
         generation = self._generation
-        artifact = await self.store.get(tenant, ref)
+        flight = (tenant, ref, generation)  # after an invalidation, a fresh fetch
+        pending = self._inflight.get(flight)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[PrefixArtifact] = asyncio.get_running_loop().create_future()
+        self._inflight[flight] = future
+        try:
+            artifact = await self.store.get(tenant, ref)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: the waiters re-raise it
+            raise
+        finally:
+            del self._inflight[flight]
+        future.set_result(artifact)
         if generation == self._generation and self._subscription is not None:
             self._insert(key, artifact)
         return artifact

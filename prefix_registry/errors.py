@@ -19,6 +19,15 @@ RegistryError
 
 from __future__ import annotations
 
+EXCERPT_CHARS = 64
+
+
+def excerpt(value: object, limit: int = EXCERPT_CHARS) -> str:
+    """Client input for an error message: escaped (repr) and cut to `limit` characters, so a
+    10,000-character header or control characters are never echoed back."""
+    text = value if isinstance(value, str) else str(value)
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
 
 class RegistryError(Exception):
     """Base of every error the registry raises on purpose."""

@@ -9,9 +9,12 @@
 <root>/tenants/<tenant>/prefixes/<name>/seq.lock        flock'ed while allocating a version
 <root>/tenants/<tenant>/prefixes/<name>/<N>.safetensors one immutable version (artifact bytes)
 <root>/key-hashes/<key_hash>.json                       {"tenant", "key_id"}
+<root>/locks/<tenant>.lock                              flock'ed while creating/deleting it
 ```
-Every file is written to a temporary name and then renamed (os.replace), or hard-linked into
-place when it must not already exist, so a reader never sees half a file.
+Every file is written to a temporary name (`.<name>.<uuid>.tmp`, flock'ed while it is written)
+and then renamed (os.replace), or hard-linked into place when it must not already exist, so a
+reader never sees half a file. A process killed mid-write leaves its temporary file behind:
+`remove_orphans` deletes those whose lock nobody holds.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import fcntl
 import json
 import os
 import re
+import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,28 +35,66 @@ from prefix_registry.artifact import META_KEY, PrefixMeta, read_header
 from prefix_registry.quotas import TenantUsage
 
 VERSION_FILE = re.compile(r"^([1-9][0-9]*)\.safetensors$")
+TMP_FILE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
+ORPHAN_MIN_AGE_S = 2.0  # a temporary file younger than this may be between create and lock
+
+
+@contextmanager
+def _temporary(path: Path, data: bytes) -> Iterator[Path]:
+    """A locked, synced temporary file holding `data` next to `path`; removed if still there."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # held until closed: tells remove_orphans it is live
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+            yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with _temporary(path, data) as tmp:
+        os.replace(tmp, path)
 
 
 def create_exclusive(path: Path, data: bytes) -> bool:
     """Write `path` with `data` unless it exists (atomically); False if it existed."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_bytes(data)
-    try:
-        os.link(tmp, path)
+    with _temporary(path, data) as tmp:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
         return True
-    except FileExistsError:
+
+
+def remove_orphans(root: Path) -> int:
+    """Delete temporary files under `root` that no live writer holds (their process died);
+    returns how many."""
+    removed = 0
+    now = time.time()
+    for directory, _, files in os.walk(root):
+        for name in files:
+            path = Path(directory) / name
+            if TMP_FILE.match(name) and _orphaned(path, now):
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
+
+
+def _orphaned(path: Path, now: float) -> bool:
+    try:
+        with open(path, "rb") as f:
+            if now - os.fstat(f.fileno()).st_mtime < ORPHAN_MIN_AGE_S:
+                return False
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # a writer holds it
+            return True
+    except FileNotFoundError:
         return False
-    finally:
-        tmp.unlink()
 
 
 def _read_json(path: Path) -> Any | None:
@@ -160,11 +203,49 @@ class LocalFiles:
 
     # ---- tenants and keys -----------------------------------------------------------------
 
+    @contextmanager
+    def _lifecycle_lock(self, tenant: str) -> Iterator[None]:
+        """Held while a tenant is created or deleted (outside its directory, which goes)."""
+        (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        with open(self.root / "locks" / f"{tenant}.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            yield
+
     def create_tenant(self, tenant: str, created_at: float) -> bool:
         directory = self._tenant(tenant)
-        directory.mkdir(parents=True, exist_ok=True)
-        record = json.dumps({"created_at": created_at}).encode()
-        return create_exclusive(directory / "tenant.json", record)
+        with self._lifecycle_lock(tenant):
+            if (directory / "tenant.json").exists():
+                return False
+            # A new tenant starts empty, even if an upload racing with the deletion of an
+            # earlier tenant of this name left something behind.
+            self._discard(directory)
+            directory.mkdir(parents=True, exist_ok=True)
+            record = json.dumps({"created_at": created_at}).encode()
+            return create_exclusive(directory / "tenant.json", record)
+
+    def delete_tenant(self, tenant: str) -> tuple[list[str], dict[str, int]] | None:
+        """Delete a tenant: (its key hashes, versions deleted per prefix name), or None if it
+        does not exist. Its record goes first, then its keys, then its prefixes."""
+        directory = self._tenant(tenant)
+        with self._lifecycle_lock(tenant):
+            try:
+                (directory / "tenant.json").unlink()
+            except FileNotFoundError:
+                return None
+            hashes = [h for key_id, _ in self.keys(tenant)
+                      if (h := self._forget_key(tenant, key_id)) is not None]
+            prefixes = {n: len(self.version_numbers(tenant, n)) for n in self.names(tenant)}
+            self._discard(directory)
+        return hashes, prefixes
+
+    def _discard(self, directory: Path) -> None:
+        """Remove a directory tree: renamed away first, so it disappears at once."""
+        if not directory.exists():
+            return
+        trash = self.root / "trash" / uuid.uuid4().hex
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(directory, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     def tenant_created_at(self, tenant: str) -> float | None:
         record = _read_json(self._tenant(tenant) / "tenant.json")
@@ -198,14 +279,19 @@ class LocalFiles:
                 found.append((f.removesuffix(".json"), float(record["created_at"])))
         return found
 
-    def revoke_key(self, tenant: str, key_id: str) -> bool:
+    def revoke_key(self, tenant: str, key_id: str) -> str | None:
+        """The revoked key's hash, or None if the tenant has no such key."""
+        return self._forget_key(tenant, key_id)
+
+    def _forget_key(self, tenant: str, key_id: str) -> str | None:
         path = self._tenant(tenant) / "keys" / f"{key_id}.json"
         record = _read_json(path)
         if record is None:
-            return False
-        self._hash_path(record["key_hash"]).unlink(missing_ok=True)
+            return None
+        key_hash = str(record["key_hash"])
+        self._hash_path(key_hash).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
-        return True
+        return key_hash
 
     def tenant_for_key_hash(self, key_hash: str) -> str | None:
         record = _read_json(self._hash_path(key_hash))

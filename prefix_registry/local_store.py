@@ -9,6 +9,7 @@ processes sharing the directory are not notified (use Redis for several server p
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,8 +22,9 @@ from prefix_registry.errors import (
     PrefixNotFoundError,
     RegistryUnavailableError,
     TenantNotFoundError,
+    excerpt,
 )
-from prefix_registry.local_files import LocalFiles
+from prefix_registry.local_files import LocalFiles, remove_orphans
 from prefix_registry.quotas import (
     QuotaValue,
     StorageLimits,
@@ -39,7 +41,9 @@ from prefix_registry.store import (
     Notifier,
     Page,
     ResetCallback,
+    RevokedCallback,
     Subscription,
+    TenantDeletion,
     TenantInfo,
     TenantList,
     clamp_limit,
@@ -54,6 +58,7 @@ from prefix_registry.validation import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class LocalStore:
@@ -80,7 +85,7 @@ class LocalStore:
         await asyncio.to_thread(artifact.validate, self.limits)
         tenant, name = artifact.meta.tenant, artifact.meta.name
         if not await self.tenant_exists(tenant):
-            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+            raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
         if limits is None or limits.unlimited:
             stored = await self._io(self._write, artifact)
         else:
@@ -127,7 +132,7 @@ class LocalStore:
         if cursor is not None:
             validate_name(cursor, "cursor")
         if not await self.tenant_exists(tenant):
-            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+            raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
         items = await self._io(self._page, tenant, limit + 1, cursor)
         more = len(items) > limit
         return Page(items=items[:limit], next_cursor=items[limit - 1].name if more else None)
@@ -162,7 +167,7 @@ class LocalStore:
         count = await self._io(self._files.delete, tenant, name, version)
         if count == 0:
             what = name if version is None else f"{name}@{version}"
-            raise PrefixNotFoundError(f"prefix {what!r} not found")
+            raise PrefixNotFoundError(f"prefix {excerpt(what)} not found")
         await self._notifier.changed(tenant, name)
         return count
 
@@ -178,14 +183,15 @@ class LocalStore:
                 return found
             if v is None or version is not None:
                 break
-        raise PrefixNotFoundError(f"prefix {ref!r} not found")
+        raise PrefixNotFoundError(f"prefix {excerpt(ref)} not found")
 
     # ---- invalidation ---------------------------------------------------------------------
 
     async def subscribe(
-        self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None
+        self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None,
+        on_revoked: RevokedCallback | None = None,
     ) -> Subscription:
-        return self._notifier.add(callback, on_reset)
+        return self._notifier.add(callback, on_reset, on_revoked)
 
     # ---- tenants and API keys -------------------------------------------------------------
 
@@ -193,7 +199,7 @@ class LocalStore:
         validate_name(name, "tenant name")
         created_at = time.time()
         if not await self._io(self._files.create_tenant, name, created_at):
-            raise ConflictError(f"tenant {name!r} already exists")
+            raise ConflictError(f"tenant {excerpt(name)} already exists")
         return TenantInfo(name=name, created_at=created_at)
 
     async def list_tenants(self) -> TenantList:
@@ -212,16 +218,16 @@ class LocalStore:
         validate_name(key_id, "key id")
         validate_key_hash(key_hash)
         if not await self.tenant_exists(tenant):
-            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+            raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
         code = await self._io(self._files.add_key, tenant, key_id, key_hash, created_at)
         if code in (-2, -3):
-            what = f"key id {key_id!r}" if code == -2 else "this key hash"
+            what = f"key id {excerpt(key_id)}" if code == -2 else "this key hash"
             raise ConflictError(f"{what} already exists")
         return ApiKeyInfo(key_id=key_id, created_at=created_at)
 
     async def list_keys(self, tenant: str) -> KeyList:
         if not await self.tenant_exists(tenant):
-            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+            raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
         keys = await self._io(self._files.keys, tenant)
         infos = [ApiKeyInfo(key_id, created_at) for key_id, created_at in keys]
         return sorted(infos, key=lambda key: (key.created_at, key.key_id))
@@ -229,8 +235,21 @@ class LocalStore:
     async def revoke_key(self, tenant: str, key_id: str) -> None:
         validate_name(tenant, "tenant name")
         valid = NAME_RE.match(key_id) is not None  # an id that can't exist is simply unknown
-        if not (valid and await self._io(self._files.revoke_key, tenant, key_id)):
-            raise ApiKeyNotFoundError(f"tenant {tenant!r} has no key {key_id!r}")
+        key_hash = await self._io(self._files.revoke_key, tenant, key_id) if valid else None
+        if key_hash is None:
+            raise ApiKeyNotFoundError(f"tenant {excerpt(tenant)} has no key {excerpt(key_id)}")
+        await self._notifier.revoked([key_hash])
+
+    async def delete_tenant(self, name: str) -> TenantDeletion:
+        validate_name(name, "tenant name")
+        found = await self._io(self._files.delete_tenant, name)
+        if found is None:
+            raise TenantNotFoundError(f"tenant {excerpt(name)} does not exist")
+        hashes, prefixes = found
+        await self._notifier.revoked(hashes)
+        for prefix in prefixes:
+            await self._notifier.changed(name, prefix)
+        return TenantDeletion(keys=len(hashes), prefixes=sum(prefixes.values()))
 
     async def tenant_for_key_hash(self, key_hash: str) -> str | None:
         if not KEY_HASH_RE.match(key_hash):  # it is a file name here
@@ -263,9 +282,17 @@ class LocalStore:
 
     async def _known(self, tenant: str) -> None:
         if not await self.tenant_exists(tenant):
-            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+            raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
 
     # ---- lifecycle ------------------------------------------------------------------------
+
+    def remove_orphans(self) -> int:
+        """Delete temporary files that a killed process left mid-write (blocking; at start)."""
+        removed = remove_orphans(self.directory) if self.directory.exists() else 0
+        if removed:
+            log.warning("removed %d temporary file(s) left by an interrupted write in %s",
+                        removed, self.directory)
+        return removed
 
     async def ping(self) -> None:
         await self._io(self.directory.mkdir, 0o755, True, True)  # parents, exist_ok

@@ -48,7 +48,7 @@ class Keys:
         return f"{self.registry}key-hashes"
 
     @property
-    def channel(self) -> str:  # pub/sub: {"tenant", "name"} after every change
+    def channel(self) -> str:  # pub/sub: {"tenant", "name"} or {"tenant", "revoked": [hash]}
         return f"{self.ns}changes"
 
     def tenant_keys(self, tenant: str) -> str:  # HASH key_id -> {"key_hash", "created_at"}
@@ -259,11 +259,55 @@ redis.call("HSET", KEYS[3], ARGV[3], ARGV[5])
 return 1
 """
 
-# KEYS: the tenant's keys hash, key-hashes hash. ARGV: key_id. Returns 1 revoked, 0 unknown.
+# Forget one key and announce its hash (servers drop it from their auth caches at once).
+# KEYS: the tenant's keys hash, key-hashes hash. ARGV: key_id, channel, tenant.
+# Returns the revoked key's hash, or nil for an unknown key id.
 REVOKE_KEY_SCRIPT = """
 local raw = redis.call("HGET", KEYS[1], ARGV[1])
-if not raw then return 0 end
-redis.call("HDEL", KEYS[2], cjson.decode(raw)["key_hash"])
+if not raw then return false end
+local hash = cjson.decode(raw)["key_hash"]
+redis.call("HDEL", KEYS[2], hash)
 redis.call("HDEL", KEYS[1], ARGV[1])
-return 1
+redis.call("PUBLISH", ARGV[2], cjson.encode({tenant = ARGV[3], revoked = {hash}}))
+return hash
+"""
+
+# Delete a tenant's record, quota and every key of it, announcing the key hashes.
+# KEYS: tenants hash, the tenant's keys hash, key-hashes hash, the tenant's quota hash.
+# ARGV: tenant, channel.
+# Returns the revoked hashes (possibly none), or nil for an unknown tenant.
+DELETE_TENANT_SCRIPT = """
+if redis.call("HEXISTS", KEYS[1], ARGV[1]) == 0 then return false end
+local hashes = {}
+for _, raw in ipairs(redis.call("HVALS", KEYS[2])) do
+  local hash = cjson.decode(raw)["key_hash"]
+  redis.call("HDEL", KEYS[3], hash)
+  hashes[#hashes + 1] = hash
+end
+redis.call("DEL", KEYS[2], KEYS[4])
+redis.call("HDEL", KEYS[1], ARGV[1])
+if #hashes > 0 then
+  redis.call("PUBLISH", ARGV[2], cjson.encode({tenant = ARGV[1], revoked = hashes}))
+end
+return hashes
+"""
+
+# Delete every prefix of a tenant (all in the tenant's slot), announcing each name.
+# KEYS: the tenant's names zset, its stored-bytes counter.
+# ARGV: key stem of the tenant's prefixes, channel, tenant.
+# Returns {versions deleted, name1, name2, ...}.
+PURGE_TENANT_SCRIPT = """
+local out = {0}
+for _, name in ipairs(redis.call("ZRANGE", KEYS[1], 0, -1)) do
+  local stem = ARGV[1] .. name .. ":"
+  for _, v in ipairs(redis.call("ZRANGE", stem .. "versions", 0, -1)) do
+    redis.call("DEL", stem .. v .. ":meta", stem .. v .. ":blob")
+    out[1] = out[1] + 1
+  end
+  redis.call("DEL", stem .. "versions", stem .. "seq")
+  redis.call("PUBLISH", ARGV[2], cjson.encode({tenant = ARGV[3], name = name}))
+  out[#out + 1] = name
+end
+redis.call("DEL", KEYS[1], KEYS[2])
+return out
 """

@@ -85,10 +85,17 @@ class Listener:
                 await pubsub.aclose()
 
     async def _dispatch(self, data: object) -> None:
+        """{"tenant", "name"}: a prefix changed; {"tenant", "revoked": [hash, ...]}: keys that
+        stopped working."""
         try:
             change = json.loads(data)  # type: ignore[arg-type]  # bytes from Redis; else refused
-            tenant, name = str(change["tenant"]), str(change["name"])
-        except (TypeError, ValueError, KeyError):
+            tenant = str(change["tenant"])
+            revoked = [str(h) for h in change.get("revoked") or ()]
+            name = None if change.get("name") is None else str(change["name"])
+        except (TypeError, ValueError, KeyError, AttributeError):
             log.warning("ignoring a malformed registry change message: %r", data)
             return
-        await self._notifier.changed(tenant, name)
+        if revoked:
+            await self._notifier.revoked(revoked)
+        if name is not None:
+            await self._notifier.changed(tenant, name)

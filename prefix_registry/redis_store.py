@@ -16,7 +16,12 @@ import time
 from collections.abc import Sequence
 
 from prefix_registry.artifact import PrefixArtifact, PrefixMeta
-from prefix_registry.errors import PrefixNotFoundError, QuotaExceededError, TenantNotFoundError
+from prefix_registry.errors import (
+    PrefixNotFoundError,
+    QuotaExceededError,
+    TenantNotFoundError,
+    excerpt,
+)
 from prefix_registry.quotas import StorageLimits, prefix_count_exceeded, stored_bytes_exceeded
 from prefix_registry.redis_connect import Command, RedisOptions, connect, parse_redis_url, write
 from prefix_registry.redis_keys import (
@@ -42,6 +47,7 @@ from prefix_registry.store import (
     Notifier,
     Page,
     ResetCallback,
+    RevokedCallback,
     Subscription,
     clamp_limit,
 )
@@ -112,7 +118,7 @@ class RedisStore(RedisTenants):
     async def _check_tenants(self, tenants: set[str]) -> None:
         for tenant in sorted(tenants):
             if not await self._redis.hexists(self.keys.tenants, tenant):
-                raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+                raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
 
     async def _write_chunk(
         self, artifacts: Sequence[PrefixArtifact], limits: StorageLimits,
@@ -174,7 +180,7 @@ class RedisStore(RedisTenants):
                 if blob is not None or v is None or version is not None:
                     break  # else: that newest version was deleted meanwhile, resolve again
         if blob is None:
-            raise PrefixNotFoundError(f"prefix {ref!r} not found")
+            raise PrefixNotFoundError(f"prefix {excerpt(ref)} not found")
         return blob if isinstance(blob, bytes) else blob.encode()  # replies are bytes
 
     async def _latest(self, tenant: str, name: str) -> int | None:
@@ -191,7 +197,7 @@ class RedisStore(RedisTenants):
                 args=[self.keys.prefix(tenant, name), version or ""],
             )
         if found is None:
-            raise PrefixNotFoundError(f"prefix {ref!r} not found")
+            raise PrefixNotFoundError(f"prefix {excerpt(ref)} not found")
         return decode_meta(found)
 
     async def exists(self, tenant: str, ref: str) -> bool:
@@ -211,7 +217,7 @@ class RedisStore(RedisTenants):
         start = "-" if cursor is None else "(" + validate_name(cursor, "cursor")
         with unavailable():
             if not await self._redis.hexists(self.keys.tenants, tenant):
-                raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+                raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
             found = await self._list_script(
                 keys=[self.keys.names(tenant)],
                 args=[start, limit + 1, self.keys.tenant_prefixes(tenant)],
@@ -247,16 +253,17 @@ class RedisStore(RedisTenants):
             count = int(found)  # type: ignore[call-overload]
         if count == 0:
             what = name if version is None else f"{name}@{version}"
-            raise PrefixNotFoundError(f"prefix {what!r} not found")
+            raise PrefixNotFoundError(f"prefix {excerpt(what)} not found")
         await self._notifier.changed(tenant, name)
         return count
 
     # ---- invalidation ---------------------------------------------------------------------
 
     async def subscribe(
-        self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None
+        self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None,
+        on_revoked: RevokedCallback | None = None,
     ) -> Subscription:
-        subscription = self._notifier.add(callback, on_reset)
+        subscription = self._notifier.add(callback, on_reset, on_revoked)
         if self._listener is None:
             client = connect(self._target, self._options, retries=0)
             self._listener = Listener(client, self.keys.channel, self._notifier)

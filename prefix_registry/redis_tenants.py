@@ -11,11 +11,13 @@ import json
 import time
 from collections.abc import Mapping, Sequence
 
-from prefix_registry.errors import ApiKeyNotFoundError, ConflictError, TenantNotFoundError
+from prefix_registry.errors import ApiKeyNotFoundError, ConflictError, TenantNotFoundError, excerpt
 from prefix_registry.quotas import QuotaValue, TenantQuota, TenantUsage, check_quota_changes
 from prefix_registry.redis_connect import Client, Command
 from prefix_registry.redis_keys import (
     ADD_KEY_SCRIPT,
+    DELETE_TENANT_SCRIPT,
+    PURGE_TENANT_SCRIPT,
     REVOKE_KEY_SCRIPT,
     UPDATE_QUOTA_SCRIPT,
     USAGE_SCRIPT,
@@ -23,7 +25,14 @@ from prefix_registry.redis_keys import (
     text,
     unavailable,
 )
-from prefix_registry.store import ApiKeyInfo, KeyList, TenantInfo, TenantList
+from prefix_registry.store import (
+    ApiKeyInfo,
+    KeyList,
+    Notifier,
+    TenantDeletion,
+    TenantInfo,
+    TenantList,
+)
 from prefix_registry.validation import validate_key_hash, validate_name
 
 
@@ -33,6 +42,7 @@ class RedisTenants:
 
     keys: Keys
     _redis: Client
+    _notifier: Notifier
 
     async def _write(self, slot_key: str, commands: Sequence[Command]) -> list[object]:
         raise NotImplementedError  # RedisStore's
@@ -47,8 +57,36 @@ class RedisTenants:
         with unavailable():
             record = json.dumps({"created_at": created_at})
             if not await self._registry_write(("HSETNX", self.keys.tenants, name, record)):
-                raise ConflictError(f"tenant {name!r} already exists")
+                raise ConflictError(f"tenant {excerpt(name)} already exists")
+            # A new tenant starts empty, even if an upload racing with the deletion of an
+            # earlier tenant of this name left something behind.
+            await self._purge_prefixes(name)
         return TenantInfo(name=name, created_at=created_at)
+
+    async def delete_tenant(self, name: str) -> TenantDeletion:
+        validate_name(name, "tenant name")
+        k = self.keys
+        with unavailable():
+            keys = [k.tenants, k.tenant_keys(name), k.key_hashes, k.quota(name)]
+            [found] = await self._write(k.tenants, [
+                ("EVAL", DELETE_TENANT_SCRIPT, 4, *keys, name, k.channel)])
+        if found is None:
+            raise TenantNotFoundError(f"tenant {excerpt(name)} does not exist")
+        hashes = [text(h) for h in found]  # type: ignore[attr-defined]
+        await self._notifier.revoked(hashes)
+        with unavailable():
+            versions, names = await self._purge_prefixes(name)
+        for prefix in names:
+            await self._notifier.changed(name, prefix)
+        return TenantDeletion(keys=len(hashes), prefixes=versions)
+
+    async def _purge_prefixes(self, tenant: str) -> tuple[int, list[str]]:
+        k = self.keys
+        [out] = await self._write(k.names(tenant), [
+            ("EVAL", PURGE_TENANT_SCRIPT, 2, k.names(tenant), k.stored_bytes(tenant),
+             k.tenant_prefixes(tenant), k.channel, tenant)])
+        reply: list[object] = list(out)  # type: ignore[call-overload]
+        return int(reply[0]), [text(n) for n in reply[1:]]  # type: ignore[call-overload]
 
     async def list_tenants(self) -> TenantList:
         with unavailable():
@@ -73,9 +111,9 @@ class RedisTenants:
             args = [tenant, key_id, key_hash, key_record, hash_record]
             code = await self._registry_write(("EVAL", ADD_KEY_SCRIPT, 3, *keys, *args))
         if code == -1:
-            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+            raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
         if code in (-2, -3):
-            what = f"key id {key_id!r}" if code == -2 else "this key hash"
+            what = f"key id {excerpt(key_id)}" if code == -2 else "this key hash"
             raise ConflictError(f"{what} already exists")
         return ApiKeyInfo(key_id=key_id, created_at=created_at)
 
@@ -86,16 +124,19 @@ class RedisTenants:
                 pipe.hgetall(self.keys.tenant_keys(tenant))
                 known, raw = await pipe.execute()
         if not known:
-            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+            raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
         keys = [ApiKeyInfo(text(k), json.loads(v)["created_at"]) for k, v in raw.items()]
         return sorted(keys, key=lambda key: (key.created_at, key.key_id))
 
     async def revoke_key(self, tenant: str, key_id: str) -> None:
+        k = self.keys
         with unavailable():
-            keys = [self.keys.tenant_keys(tenant), self.keys.key_hashes]
-            revoked = await self._registry_write(("EVAL", REVOKE_KEY_SCRIPT, 2, *keys, key_id))
-        if not revoked:
-            raise ApiKeyNotFoundError(f"tenant {tenant!r} has no key {key_id!r}")
+            keys = [k.tenant_keys(tenant), k.key_hashes]
+            [revoked] = await self._write(k.tenants, [
+                ("EVAL", REVOKE_KEY_SCRIPT, 2, *keys, key_id, k.channel, tenant)])
+        if revoked is None:
+            raise ApiKeyNotFoundError(f"tenant {excerpt(tenant)} has no key {excerpt(key_id)}")
+        await self._notifier.revoked([text(revoked)])
 
     async def tenant_for_key_hash(self, key_hash: str) -> str | None:
         with unavailable():
@@ -109,7 +150,7 @@ class RedisTenants:
                 pipe.hgetall(self.keys.quota(tenant))
                 known, raw = await pipe.execute()
         if not known:
-            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+            raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
         return TenantQuota.from_dict({text(k): json.loads(v) for k, v in raw.items()})
 
     async def update_quota(
@@ -123,7 +164,7 @@ class RedisTenants:
         with unavailable():
             [found] = await self._write(keys[0], [("EVAL", UPDATE_QUOTA_SCRIPT, 2, *keys, *args)])
         if found is None:
-            raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+            raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
         flat = [text(item) for item in found]  # type: ignore[attr-defined]
         return TenantQuota.from_dict(dict(zip(flat[0::2], map(json.loads, flat[1::2]),
                                               strict=True)))
@@ -132,7 +173,7 @@ class RedisTenants:
         k = self.keys
         with unavailable():
             if not await self._redis.hexists(k.tenants, tenant):
-                raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+                raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
             keys = [k.stored_bytes(tenant), k.names(tenant)]
             command = ("EVAL", USAGE_SCRIPT, 2, *keys, k.tenant_prefixes(tenant))
             [found] = await self._write(keys[1], [command])

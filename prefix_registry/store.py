@@ -3,7 +3,8 @@
 A prefix is addressed by (tenant, ref) where ref is `name` (the latest version) or `name@N`
 (a fixed version). Versions are immutable, numbered 1, 2, ... per (tenant, name), and a number is
 never reused, even after deletes. Every change (put, delete) is announced to subscribers as
-`callback(tenant, name)`; `on_reset()` means "changes may have been missed: drop everything".
+`callback(tenant, name)`; every API key that stops working (revoked, or its tenant deleted) as
+`on_revoked([key_hash, ...])`; `on_reset()` means "changes may have been missed: drop everything".
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ MAX_PAGE_SIZE = 1000
 
 InvalidationCallback = Callable[[str, str], object]  # (tenant, name); may return an awaitable
 ResetCallback = Callable[[], object]  # may return an awaitable
+RevokedCallback = Callable[[list[str]], object]  # key hashes; may return an awaitable
 MetaList = list[PrefixMeta]  # aliases: inside the store classes `list` is a method
 
 
@@ -44,6 +46,14 @@ class TenantInfo:
 
 
 @dataclass(frozen=True)
+class TenantDeletion:
+    """What deleting a tenant removed."""
+
+    keys: int  # API keys revoked
+    prefixes: int  # prefix versions deleted
+
+
+@dataclass(frozen=True)
 class ApiKeyInfo:
     key_id: str
     created_at: float  # unix time; the key itself is never stored, only its hash
@@ -57,8 +67,15 @@ def clamp_limit(limit: int) -> int:
     return max(1, min(int(limit), MAX_PAGE_SIZE))
 
 
+@dataclass(frozen=True)
+class _Sub:
+    changed: InvalidationCallback
+    reset: ResetCallback | None
+    revoked: RevokedCallback | None
+
+
 class Subscription:
-    """A registered pair of callbacks; `close()` unregisters them."""
+    """A registered set of callbacks; `close()` unregisters them."""
 
     def __init__(self, notifier: Notifier, sub_id: int) -> None:
         self._notifier = notifier
@@ -72,28 +89,36 @@ class Notifier:
     """Fans change announcements out to in-process subscribers; a failing callback is logged."""
 
     def __init__(self) -> None:
-        self._subs: dict[int, tuple[InvalidationCallback, ResetCallback | None]] = {}
+        self._subs: dict[int, _Sub] = {}
         self._ids = itertools.count(1)
 
-    def add(self, callback: InvalidationCallback, on_reset: ResetCallback | None) -> Subscription:
+    def add(
+        self, callback: InvalidationCallback, on_reset: ResetCallback | None,
+        on_revoked: RevokedCallback | None = None,
+    ) -> Subscription:
         sub_id = next(self._ids)
-        self._subs[sub_id] = (callback, on_reset)
+        self._subs[sub_id] = _Sub(callback, on_reset, on_revoked)
         return Subscription(self, sub_id)
 
     def remove(self, sub_id: int) -> None:
         self._subs.pop(sub_id, None)
 
     async def changed(self, tenant: str, name: str) -> None:
-        for callback, _ in list(self._subs.values()):
-            await _call(callback, tenant, name)
+        for sub in list(self._subs.values()):
+            await _call(sub.changed, tenant, name)
+
+    async def revoked(self, key_hashes: list[str]) -> None:
+        for sub in list(self._subs.values()):
+            if sub.revoked is not None and key_hashes:
+                await _call(sub.revoked, list(key_hashes))
 
     async def reset(self) -> None:
-        for _, on_reset in list(self._subs.values()):
-            if on_reset is not None:
-                await _call(on_reset)
+        for sub in list(self._subs.values()):
+            if sub.reset is not None:
+                await _call(sub.reset)
 
 
-async def _call(fn: Callable[..., object], *args: str) -> None:
+async def _call(fn: Callable[..., object], *args: object) -> None:
     try:
         result = fn(*args)
         if inspect.isawaitable(result):
@@ -145,9 +170,11 @@ class PrefixStore(Protocol):
     async def exists(self, tenant: str, ref: str) -> bool: ...
 
     async def subscribe(
-        self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None
+        self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None,
+        on_revoked: RevokedCallback | None = None,
     ) -> Subscription:
-        """Call `callback(tenant, name)` after every change by any process sharing the store."""
+        """Call `callback(tenant, name)` after every change by any process sharing the store,
+        and `on_revoked(key_hashes)` when keys stop working."""
         ...
 
     async def create_tenant(self, name: str) -> TenantInfo:
@@ -155,6 +182,12 @@ class PrefixStore(Protocol):
         ...
 
     async def list_tenants(self) -> TenantList: ...
+
+    async def delete_tenant(self, name: str) -> TenantDeletion:
+        """Delete a tenant: its keys stop working at once (announced to `on_revoked`), then its
+        prefixes are deleted (announced to `callback`); TenantNotFoundError. Creating a tenant
+        of the same name later starts empty."""
+        ...
 
     async def tenant_exists(self, name: str) -> bool: ...
 
@@ -167,7 +200,8 @@ class PrefixStore(Protocol):
     async def list_keys(self, tenant: str) -> KeyList: ...
 
     async def revoke_key(self, tenant: str, key_id: str) -> None:
-        """Forget a key; ApiKeyNotFoundError if the tenant has no such key."""
+        """Forget a key (announced to `on_revoked`); ApiKeyNotFoundError if the tenant has no
+        such key."""
         ...
 
     async def tenant_for_key_hash(self, key_hash: str) -> str | None:
@@ -202,12 +236,20 @@ def open_store(
     namespace: str = DEFAULT_NAMESPACE,
     directory: str | Path,
     limits: Limits | None = None,
+    max_connections: int = 100,
+    pool_timeout_s: float = 5.0,
 ) -> PrefixStore:
-    """A RedisStore when `redis_url` is set, else a LocalStore in `directory`."""
+    """A RedisStore when `redis_url` is set (a pool of at most `max_connections`, where a caller
+    waits up to `pool_timeout_s` for a free one), else a LocalStore in `directory` (whose
+    temporary files orphaned by a crash are removed now)."""
     if redis_url:
+        from prefix_registry.redis_connect import RedisOptions
         from prefix_registry.redis_store import RedisStore
 
-        return RedisStore(redis_url, namespace=namespace, limits=limits)
+        options = RedisOptions(max_connections=max_connections, pool_timeout_s=pool_timeout_s)
+        return RedisStore(redis_url, namespace=namespace, limits=limits, options=options)
     from prefix_registry.local_store import LocalStore
 
-    return LocalStore(directory, limits=limits)
+    store = LocalStore(directory, limits=limits)
+    store.remove_orphans()
+    return store

@@ -14,10 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from prefix_registry.errors import InvalidPrefixError, PrefixTooLargeError, UnsafeFileError
+from prefix_registry.errors import (
+    InvalidPrefixError,
+    PrefixTooLargeError,
+    UnsafeFileError,
+    excerpt,
+)
 from prefix_registry.fingerprint import ModelFingerprint
 
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,63}$")
+VERSION_RE = re.compile(r"^[0-9]{1,9}$")
 KEY_HASH_RE = re.compile(r"^[0-9a-f]{32,128}$")
 ALLOWED_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 FORMS = ("p_theta", "kv")
@@ -39,7 +45,7 @@ def validate_name(name: object, what: str = "prefix name") -> str:
     """`name` if it is 1-64 chars of [a-zA-Z0-9._-] starting alphanumeric (so no `@`, `:`, `/`)."""
     if not isinstance(name, str) or not NAME_RE.match(name):
         raise InvalidPrefixError(
-            f"invalid {what} {name!r}: use 1-64 characters from a-z A-Z 0-9 . _ -, "
+            f"invalid {what} {excerpt(name)}: use 1-64 characters from a-z A-Z 0-9 . _ -, "
             "starting with a letter or digit"
         )
     return name
@@ -58,8 +64,10 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     validate_name(name)
     if not sep:
         return name, None
-    if not version.isdigit() or int(version) < 1:
-        raise InvalidPrefixError(f"invalid prefix reference {ref!r}: the version must be >= 1")
+    if not VERSION_RE.match(version) or int(version) < 1:
+        raise InvalidPrefixError(
+            f"invalid prefix reference {excerpt(ref)}: the version must be 1 to 999999999"
+        )
     return name, int(version)
 
 

@@ -91,3 +91,21 @@ async def test_a_fetch_racing_an_invalidation_is_not_cached(
     assert (await fetch).meta.version == 1
     assert len(cache) == 0  # the stale result was not kept
     await cache.close()
+
+
+
+async def test_concurrent_misses_share_one_fetch(local: LocalStore,
+                                                 make_artifact: MakeArtifact) -> None:
+    await local.put(make_artifact())
+    fetches = []
+    real_get = local.get
+
+    async def counted(tenant: str, ref: str) -> PrefixArtifact:
+        fetches.append((tenant, ref))
+        return await real_get(tenant, ref)
+
+    local.get = counted  # type: ignore[method-assign]  # count the store's reads
+    cache = CachedStore(local)
+    await cache.start()
+    found = await asyncio.gather(*(cache.get("acme", "style") for _ in range(50)))
+    assert len(fetches) == 1 and all(a is found[0] for a in found)
