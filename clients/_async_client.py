@@ -25,6 +25,7 @@ from clients._types import (
     PrefixPage,
     Readiness,
     Tenant,
+    TenantDeletion,
     TenantQuota,
 )
 from clients._uploads import PrefixSource
@@ -144,6 +145,13 @@ class AsyncPrefixClient(_ClientBase):
                       max_stored_bytes=max_stored_bytes)
         call = B.set_quota_call(tenant, fields)
         return TenantQuota.model_validate(await self._json(call, options))
+
+    async def delete_tenant(
+        self, name: str, **options: Unpack[B.RequestOptions]
+    ) -> TenantDeletion:
+        """See `PrefixClient.delete_tenant`."""
+        body = await self._json(B.delete_tenant_call(name), options)
+        return TenantDeletion.model_validate(body)
 
     async def health(self, **options: Unpack[B.RequestOptions]) -> Health:
         """See `PrefixClient.health`."""

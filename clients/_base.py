@@ -210,6 +210,10 @@ def set_quota_call(tenant: str, fields: dict[str, Any]) -> APICall:
     return APICall("PATCH", f"/admin/tenants/{_seg(tenant)}/quota", json=changes)
 
 
+def delete_tenant_call(tenant: str) -> APICall:
+    return APICall("DELETE", f"/admin/tenants/{_seg(tenant)}")
+
+
 def health_call() -> APICall:
     # A 503 from /health is the answer "the engine is dead" (restart the server), not a fault.
     return APICall("GET", "/health", accept=frozenset({503}))

@@ -22,6 +22,7 @@ from clients._types import (
     PrefixInfo,
     Readiness,
     Tenant,
+    TenantDeletion,
     TenantQuota,
 )
 
@@ -200,6 +201,14 @@ def parse_bytes(text: str) -> int:
     if match is None or unit not in _BYTE_UNITS:
         raise ValueError(f"not a size: {text!r}")
     return int(float(match.group(1)) * _BYTE_UNITS[unit])
+
+
+def tenant_deleted(result: TenantDeletion, *, as_json: bool) -> None:
+    if as_json:
+        print_json(result)
+    else:
+        print(f"deleted tenant {result.name}: {result.keys} key(s) revoked, "
+              f"{result.prefixes} prefix version(s) deleted")
 
 
 # --- health -------------------------------------------------------------------------------------

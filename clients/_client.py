@@ -29,6 +29,7 @@ from clients._types import (
     PrefixPage,
     Readiness,
     Tenant,
+    TenantDeletion,
     TenantQuota,
 )
 from clients._uploads import PrefixSource
@@ -188,6 +189,13 @@ class PrefixClient(_ClientBase):
                       tokens_per_minute=tokens_per_minute, max_prefixes=max_prefixes,
                       max_stored_bytes=max_stored_bytes)
         return TenantQuota.model_validate(self._json(B.set_quota_call(tenant, fields), options))
+
+    def delete_tenant(
+        self, name: str, **options: Unpack[B.RequestOptions]
+    ) -> TenantDeletion:
+        """Delete tenant `name` (operator key only): its keys stop working at once on every
+        server, and its prefixes are deleted. Not undoable."""
+        return TenantDeletion.model_validate(self._json(B.delete_tenant_call(name), options))
 
     def health(self, **options: Unpack[B.RequestOptions]) -> Health:
         """`/health`: the process is alive; `.ok == False` when its engine died (restart it)."""

@@ -99,6 +99,14 @@ class Tenant(_Model):
     keys: list[KeyInfo] = []
 
 
+class TenantDeletion(_Model):
+    """What deleting a tenant removed: its keys (revoked at once) and prefix versions."""
+
+    name: str
+    keys: int
+    prefixes: int
+
+
 class Health(_Model):
     """`/health`: "ok", or (with status 503) "engine_dead" and why."""
 

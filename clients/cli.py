@@ -161,6 +161,15 @@ def cmd_tenant_quota_set(client: PrefixClient, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_tenant_delete(client: PrefixClient, args: argparse.Namespace) -> int:
+    if not args.yes:
+        out.note(f"refusing to delete tenant {args.name!r} (its keys and every prefix) "
+                 "without --yes")
+        return EXIT_USAGE
+    out.tenant_deleted(client.delete_tenant(args.name), as_json=args.json)
+    return EXIT_OK
+
+
 def cmd_health(client: PrefixClient, args: argparse.Namespace) -> int:
     health = client.health()
     out.health(health, as_json=args.json)
@@ -275,6 +284,11 @@ def _add_tenant_commands(
     p.add_argument("name")
     p.add_argument("key_id")
     p.set_defaults(handler=cmd_tenant_revoke_key)
+    p = actions.add_parser("delete", parents=[common],
+                           help="delete a tenant: its keys at once, and all its prefixes")
+    p.add_argument("name")
+    p.add_argument("--yes", action="store_true", help="really delete (it cannot be undone)")
+    p.set_defaults(handler=cmd_tenant_delete)
     _add_quota_commands(actions, common)
 
 

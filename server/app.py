@@ -22,10 +22,13 @@ from server.api import admin_prefixes, admin_quotas, admin_tenants, generate, he
 from server.api.auth import DEFAULT_TENANT, Authenticator
 from server.api.backend import EngineBackend, LocalBackend
 from server.api.errors import install_error_handlers
+from server.api.guard import RequestGuard
+from server.api.key_cache import KeyCache
 from server.api.metrics import Metrics
 from server.api.middleware import RequestContextMiddleware
 from server.api.quotas import Quota, QuotaCache
 from server.api.rate_limit import TokenRateLimiter
+from server.api.prompts import PromptEncoder
 from server.api.resolver import PrefixResolver
 from server.api.state import Lifecycle, Services
 from server.engine.config import EngineConfig
@@ -62,6 +65,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(RequestGuard)  # inside the request context: its refusals are logged
     app.add_middleware(RequestContextMiddleware, metrics=metrics)
     for module in (generate, openai, admin_prefixes, admin_tenants, admin_quotas, health):
         app.include_router(module.router)
@@ -84,14 +88,18 @@ async def start_services(
         engine = Engine(loaded, engine_config(settings))
     backend = LocalBackend(engine) if isinstance(engine, Engine) else engine
     backend.start()
+    keys = KeyCache(store.tenant_for_key_hash, ttl_s=settings.auth_cache_ttl_s)
+    await store.subscribe(_no_op, on_reset=keys.expire_all, on_revoked=keys.revoke)
     auth = Authenticator(
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
-        disabled=settings.auth_disabled, lookup=store.tenant_for_key_hash,
+        disabled=settings.auth_disabled, lookup=keys.tenant_for,
     )
     quotas = QuotaCache(store, Quota.defaults(settings), settings.tenant_quota_ttl_s)
     metrics.watch_engine(backend.stats, known=quotas.__contains__)
+    prompts = PromptEncoder(loaded.tokenizer, settings.max_seq_len or loaded.max_context)
     services = Services(settings, loaded, backend, store, resolver, auth, metrics,
                         Lifecycle(backend, settings.shutdown_grace_s), quotas, TokenRateLimiter(),
+                        prompts,
                         engine=engine if isinstance(engine, Engine) else None)
     if settings.auth_disabled:
         await _development_mode(store)
@@ -106,6 +114,8 @@ async def open_registry(
     store = open_store(
         settings.redis_url, namespace=_namespace(settings), directory=settings.data_dir,
         limits=Limits(max_upload_bytes=settings.max_upload_bytes),
+        max_connections=settings.redis_max_connections,
+        pool_timeout_s=settings.redis_pool_timeout_s,
     )
     resolver = PrefixResolver(store, fingerprint=fingerprint,
                               max_bytes=settings.prefix_cache_bytes)
@@ -117,6 +127,7 @@ async def stop_services(services: Services) -> None:
     try:
         await services.lifecycle.wait_drained()
     finally:
+        services.prompts.close()
         await services.resolver.close()
         await services.store.close()
     log.info("stopped")
@@ -137,6 +148,10 @@ def engine_config(settings: Settings) -> EngineConfig:
         fair_prompt_weight=settings.fair_prompt_weight,
         fair_output_weight=settings.fair_output_weight,
     )
+
+
+def _no_op(tenant: str, name: str) -> None:
+    """Prefix changes are the resolver's; the key cache listens for revocations only."""
 
 
 def _namespace(settings: Settings) -> str:

@@ -61,6 +61,28 @@ class Settings(BaseSettings):
         default="prefix-serve", min_length=1, description="key namespace inside Redis"
     )
     max_upload_mb: float = Field(default=64.0, gt=0, description="largest prefix upload (MiB)")
+    redis_max_connections: int = Field(
+        default=100, ge=1, le=100_000, description="Redis connections per process; beyond "
+        "them a request waits (--redis-pool-timeout-s) for a free one",
+    )
+    redis_pool_timeout_s: float = Field(
+        default=5.0, gt=0, le=600, description="how long a request waits for a free Redis "
+        "connection before 503 registry_unavailable",
+    )
+    # --- requests
+    max_body_mb: float = Field(
+        default=4.0, gt=0, le=1024, description="largest JSON request body (MiB); uploads "
+        "have --max-upload-mb",
+    )
+    body_timeout_s: float = Field(
+        default=60.0, gt=0, le=3600, description="a request body must arrive whole within this "
+        "many seconds (408 otherwise)",
+    )
+    auth_cache_ttl_s: float = Field(
+        default=30.0, ge=0, le=86_400, description="how long a verified tenant key is trusted "
+        "before the registry is asked again (revocations arrive at once over pub/sub; this "
+        "bounds them when pub/sub is down)",
+    )
     # --- the engine
     max_batch_size: int = Field(default=256, ge=1, description="most requests running at once")
     max_queue: int = Field(default=1024, ge=1, description="waiting requests before 429")
@@ -193,6 +215,10 @@ class Settings(BaseSettings):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * MIB)
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * MIB)
 
     @property
     def kv_cache_bytes(self) -> int | None:

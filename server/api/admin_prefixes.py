@@ -19,6 +19,7 @@ from prefix_registry.store import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from server.api.deps import PrincipalDep, ServicesDep, StoreDep, acting_tenant
 from server.api.errors import error_responses
 from server.api.middleware import annotate
+from server.api.prefix_checks import check_servable
 from server.api.schemas import DeletedOut, PrefixDetail, PrefixInfo, PrefixPage
 from server.api.state import Services
 from server.api.uploads import UploadForm, read_upload
@@ -54,11 +55,11 @@ async def upload_prefix(
 ) -> PrefixInfo:
     form = await read_upload(request, services.settings.max_upload_bytes)
     tenant = acting_tenant(request, principal, form.fields.get("tenant"))
-    annotate(request, tenant=tenant)
     artifact = await asyncio.to_thread(_artifact_of, form, tenant, services)
     quota = await services.quotas.get(tenant)
     meta = await services.store.put(artifact, limits=quota.storage_limits())
-    annotate(request, prefix=meta.ref)
+    # Only now is the tenant known to exist: a name the operator made up never becomes a label.
+    annotate(request, tenant=tenant, prefix=meta.ref)
     return info_of(meta, services.loaded.fingerprint)
 
 
@@ -104,10 +105,13 @@ def _artifact_of(form: UploadForm, tenant: str, services: Services) -> PrefixArt
         raise ValidationError("no 'file' part: upload at least one prefix file")
     model, limits = services.loaded.fingerprint, services.store.limits
     imported = import_files(form.files, model=model, limits=limits)
-    return imported.to_artifact(
+    artifact = imported.to_artifact(
         name=name, tenant=tenant, model=model, limits=limits,
         description=form.fields.get("description"),
     )
+    context = services.settings.max_seq_len or services.loaded.max_context
+    check_servable(services.loaded, artifact, context)
+    return artifact
 
 
 def info_of(meta: PrefixMeta, served: ModelFingerprint) -> PrefixInfo:

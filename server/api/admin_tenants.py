@@ -13,6 +13,7 @@ from server.api.schemas import (
     KeyInfo,
     RevokedOut,
     TenantCreate,
+    TenantDeleted,
     TenantInfo,
     TenantList,
 )
@@ -55,6 +56,15 @@ async def add_key(name: str, _: OperatorDep, store: StoreDep) -> IssuedKey:
 async def revoke_key(name: str, key_id: str, _: OperatorDep, store: StoreDep) -> RevokedOut:
     await store.revoke_key(name, key_id)
     return RevokedOut(revoked=key_id)
+
+
+@router.delete(
+    "/{name}", response_model=TenantDeleted, responses={**_ERRORS, **error_responses(404)},
+    summary="Delete a tenant: its keys stop working at once, its prefixes are deleted",
+)
+async def delete_tenant(name: str, _: OperatorDep, store: StoreDep) -> TenantDeleted:
+    deletion = await store.delete_tenant(name)
+    return TenantDeleted(name=name, keys=deletion.keys, prefixes=deletion.prefixes)
 
 
 async def _issue(store: PrefixStore, tenant: str) -> IssuedKey:

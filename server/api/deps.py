@@ -7,10 +7,11 @@ from typing import Annotated
 from fastapi import Depends, Header, Request, Security
 from fastapi.security import HTTPBearer
 
-from prefix_registry.errors import TenantNotFoundError
+from prefix_registry.errors import TenantNotFoundError, excerpt
 from prefix_registry.store import PrefixStore
 from server.api.auth import Principal
 from server.api.backend import EngineBackend
+from server.api.guard import principal_of
 from server.api.middleware import annotate
 from server.api.resolver import PrefixResolver
 from server.api.state import Services
@@ -31,7 +32,9 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 async def current_principal(
     request: Request, services: ServicesDep, _: Annotated[object, Security(_bearer)] = None
 ) -> Principal:
-    principal = await services.auth.authenticate(request.headers.get("authorization"))
+    principal = principal_of(request.scope)  # RequestGuard's, before the body was read
+    if principal is None:
+        principal = await services.auth.authenticate(request.headers.get("authorization"))
     annotate(request, tenant=principal.tenant or "(operator)")
     return principal
 
@@ -70,7 +73,7 @@ async def generation_tenant(
     if x_tenant is not None and principal.is_operator and not await services.store.tenant_exists(
         tenant
     ):
-        raise TenantNotFoundError(f"tenant {tenant!r} does not exist")
+        raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
     annotate(request, tenant=tenant)
     return tenant
 

@@ -40,6 +40,7 @@ _STATUS_TYPES = {
     403: "permission_denied",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
@@ -61,7 +62,12 @@ def to_serve_error(exc: BaseException) -> srv.ServeError | None:
     return None
 
 
+MAX_MESSAGE_CHARS = 1000  # a last bound on anything echoed from the client
+
+
 def error_payload(error_type: str, message: str) -> dict[str, Any]:
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS] + "..."
     return {"error": {"type": error_type, "message": message}}
 
 

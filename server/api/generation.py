@@ -112,16 +112,21 @@ class Generation:
 async def start_generation(
     services: Services, request: Request, call: GenerationCall
 ) -> Generation:
-    """Check the tenant's tokens per minute, resolve the prefix and submit; raises 429
-    (`rate_limited`) and the engine's synchronous errors (429, 400, 503)."""
+    """Check the tenant's tokens per minute, resolve the prefix, tokenize off the event loop and
+    submit; raises 429 (`rate_limited`) and the engine's synchronous errors (429, 400, 503)."""
     quota = await tenant_quota(services, call.tenant)
     services.rate_limiter.check(call.tenant, quota.tokens_per_minute)
     prefix = None
     if call.prefix_ref is not None:
         prefix = await services.resolver.resolve(call.tenant, call.prefix_ref)
         annotate(request, prefix=f"{prefix.name}@{prefix.version}")
+    prompt = call.prompt
+    if isinstance(prompt, str):
+        reserved = (prefix.prefix_len if prefix else 0) + call.sampling.max_new_tokens
+        prompt = await services.prompts.encode(
+            prompt, add_special_tokens=call.add_special_tokens, reserved=reserved)
     engine_request = EngineRequest(
-        prompt=call.prompt, sampling=call.sampling, prefix=prefix,
+        prompt=prompt, sampling=call.sampling, prefix=prefix,
         request_id=engine_request_id(request), add_special_tokens=call.add_special_tokens,
         tenant=quota.share(call.tenant),
     )

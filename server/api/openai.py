@@ -22,7 +22,7 @@ from server.api.generation import (
     finished_error,
     start_generation,
 )
-from server.api.openai_chat import chat_prompt, default_max_tokens
+from server.api.openai_chat import default_max_tokens
 from server.api.openai_format import ChatFormat, CompletionFormat, openai_stream
 from server.api.openai_schemas import (
     ChatCompletionRequest,
@@ -67,7 +67,7 @@ async def chat_completions(
     services: ServicesDep, _engine: EngineDep,
 ) -> JSONResponse | EventSourceResponse:
     body.check_supported()
-    prompt_ids = chat_prompt(services.loaded.tokenizer, body.messages)
+    prompt_ids = await services.prompts.chat(body.messages)
     prefix_ref = _prefix_ref(body, services)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:

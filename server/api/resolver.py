@@ -10,6 +10,7 @@ from __future__ import annotations
 from prefix_registry import errors as reg
 from prefix_registry.artifact import PrefixArtifact
 from prefix_registry.cache import CachedStore
+from prefix_registry.errors import excerpt
 from prefix_registry.fingerprint import ModelFingerprint
 from prefix_registry.store import PrefixStore
 from prefix_registry.validation import parse_ref
@@ -38,10 +39,10 @@ class PrefixResolver:
         try:
             artifact = await self._cache.get(tenant, ref)
         except reg.NotFoundError as exc:
-            raise NotFoundError(f"prefix {ref!r} not found") from exc
+            raise NotFoundError(f"prefix {excerpt(ref)} not found") from exc
         problem = self._fingerprint.mismatch(artifact.meta.model)
         if problem is not None:
-            raise IncompatiblePrefixError(f"prefix {ref!r} can't be used: {problem}")
+            raise IncompatiblePrefixError(f"prefix {excerpt(ref)} can't be used: {problem}")
         return to_source(artifact)
 
     def __len__(self) -> int:

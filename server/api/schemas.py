@@ -171,6 +171,14 @@ class RevokedOut(WireOut):
     revoked: str
 
 
+class TenantDeleted(BaseModel):
+    """What deleting a tenant removed: its keys stopped working at once, on every server."""
+
+    name: str
+    keys: int = Field(description="API keys revoked")
+    prefixes: int = Field(description="prefix versions deleted")
+
+
 # --- health -------------------------------------------------------------------------------------
 class HealthOut(WireOut):
     status: Literal["ok", "engine_dead"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prefix_registry.store import PrefixStore
 from server.api.auth import Authenticator
@@ -23,6 +24,9 @@ from server.api.resolver import PrefixResolver
 from server.engine.engine import Engine
 from server.models.loader import ModelInfo
 from server.settings import Settings
+
+if TYPE_CHECKING:  # prompts -> openai_chat -> state: a runtime import would be a cycle
+    from server.api.prompts import PromptEncoder
 
 log = logging.getLogger("prefix_serve.server")
 
@@ -63,6 +67,7 @@ class Services:
     lifecycle: Lifecycle
     quotas: QuotaCache  # each tenant's quota in force
     rate_limiter: TokenRateLimiter  # tokens per minute per tenant
+    prompts: PromptEncoder  # text -> token ids off the event loop
     engine: Engine | None = None  # the engine in this process (None behind Ray Serve)
 
     @property

@@ -14,12 +14,14 @@ from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from prefix_registry.errors import excerpt
 from server.errors import InvalidRequestError, PayloadTooLargeError
 
 TEXT_FIELDS = ("name", "description", "tenant")
 FILE_FIELD = "file"
 MAX_PARTS = 64
 MAX_TEXT_BYTES = 64 * 1024
+MAX_FILENAME_CHARS = 128
 
 
 @dataclass
@@ -70,13 +72,15 @@ class _FormBuilder:
         self.part.name = options[b"name"].decode("utf-8", "replace")
         if b"filename" in options:
             raw = options[b"filename"].decode("utf-8", "replace")
-            # Only the base name matters (importers recognise e.g. adapter_config.json).
-            self.part.filename = raw.replace("\\", "/").rsplit("/", 1)[-1]
+            # Only the base name matters (importers recognise e.g. adapter_config.json); it is
+            # echoed in errors, so control characters go and its length is bounded.
+            base = raw.replace("\\", "/").rsplit("/", 1)[-1]
+            self.part.filename = "".join(c for c in base if c.isprintable())[:MAX_FILENAME_CHARS]
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         self.part.data += data[start:end]
         if self.part.filename is None and len(self.part.data) > MAX_TEXT_BYTES:
-            raise InvalidRequestError(f"form field {self.part.name!r} is too long")
+            raise InvalidRequestError(f"form field {excerpt(self.part.name)} is too long")
 
     def on_part_end(self) -> None:
         part = self.part
@@ -86,22 +90,23 @@ class _FormBuilder:
             self._add_text(part)
         else:
             raise InvalidRequestError(
-                f"unknown form field {part.name!r}: expected {', '.join(TEXT_FIELDS)} or file"
+                f"unknown form field {excerpt(part.name)}: expected "
+                f"{', '.join(TEXT_FIELDS)} or file"
             )
 
     def _add_file(self, part: _Part) -> None:
         filename = part.filename or f"file{len(self.form.files)}"
         if filename in self.form.files:
-            raise InvalidRequestError(f"two uploaded files are named {filename!r}")
+            raise InvalidRequestError(f"two uploaded files are named {excerpt(filename)}")
         self.form.files[filename] = bytes(part.data)
 
     def _add_text(self, part: _Part) -> None:
         if part.name in self.form.fields:
-            raise InvalidRequestError(f"form field {part.name!r} given twice")
+            raise InvalidRequestError(f"form field {excerpt(part.name)} given twice")
         try:
             self.form.fields[part.name] = part.data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InvalidRequestError(f"form field {part.name!r} is not UTF-8 text") from exc
+            raise InvalidRequestError(f"form field {excerpt(part.name)} is not UTF-8 text") from exc
 
 
 async def read_upload(request: Request, max_bytes: int) -> UploadForm:

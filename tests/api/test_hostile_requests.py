@@ -12,7 +12,14 @@ import torch
 
 from server.models.loader import LoadedModel
 from tests.api.conftest import Served
-from tests.api.helpers import ADMIN_KEY, auth, prefix_tensors, upload
+from tests.api.helpers import (
+    ADMIN_KEY,
+    auth,
+    create_tenant,
+    prefix_tensors,
+    safetensors_file,
+    upload,
+)
 
 DEEP = "[" * 100_000 + "]" * 100_000
 LONE = "\\ud800"  # a lone surrogate, as JSON escapes it
@@ -70,3 +77,53 @@ async def test_a_deep_safetensors_header_and_adapter_config_are_a_422(server: Se
     adapter = await upload(server.client, ADMIN_KEY, "p", {
         "adapter_config.json": config, "adapter_model.safetensors": weights})
     assert adapter.status_code == 422, adapter.text
+
+
+async def test_a_prefix_that_can_never_fit_the_context_is_refused(server: Served,
+                                                                  loaded: LoadedModel) -> None:
+    context = loaded.max_context  # 256 for the tiny model; the registry allows 512
+    files = {"p.safetensors": safetensors_file(prefix_tensors(loaded, prefix_len=context - 1))}
+    response = await upload(server.client, ADMIN_KEY, "long", files)
+    assert response.status_code == 422, response.text
+    assert "context" in response.json()["error"]["message"]
+    fits = {"p.safetensors": safetensors_file(prefix_tensors(loaded, prefix_len=context - 2))}
+    key = await create_tenant(server.client, "acme")
+    assert (await upload(server.client, key, "fits", fits)).status_code == 201
+
+
+@pytest.mark.parametrize("form", ["p_theta", "kv"])
+async def test_a_prefix_whose_model_outputs_are_not_finite_is_refused(
+    server: Served, loaded: LoadedModel, form: str
+) -> None:
+    tensors = {k: torch.full_like(v, 3e38) for k, v in prefix_tensors(loaded, form).items()}
+    response = await upload(server.client, ADMIN_KEY, "huge", {"p.safetensors":
+                                                                safetensors_file(tensors)})
+    assert response.status_code == 422, response.text
+    assert "finite" in response.json()["error"]["message"]
+
+
+async def test_client_input_is_echoed_only_as_a_short_escaped_excerpt(server: Served) -> None:
+    long_tenant = "t" * 10_000
+    response = await server.client.post("/generate", json={"prompt": "hi"},
+                                        headers={**auth(ADMIN_KEY), "X-Tenant": long_tenant})
+    assert response.status_code == 404
+    message = response.json()["error"]["message"]
+    assert len(message) < 200 and "t" * 100 not in message
+    for path in (f"/admin/tenants/{long_tenant}/keys", f"/admin/prefixes/{'p' * 5000}"):
+        response = await server.client.get(path, headers=auth(ADMIN_KEY))
+        response = response if path.startswith("/admin/prefixes") else \
+            await server.client.post(path, headers=auth(ADMIN_KEY))
+        assert 400 <= response.status_code < 500
+        assert len(response.json()["error"]["message"]) < 300, response.text
+    escaped = await server.client.post("/generate", json={"prompt": "hi"},
+                                       headers={**auth(ADMIN_KEY), "X-Tenant": "a\x1b[31mb"})
+    assert "\x1b" not in escaped.json()["error"]["message"]
+
+
+async def test_an_upload_for_a_missing_tenant_is_no_metrics_label(server: Served,
+                                                                   loaded: LoadedModel) -> None:
+    files = {"p.safetensors": safetensors_file(prefix_tensors(loaded))}
+    response = await upload(server.client, ADMIN_KEY, "p", files, tenant="no-such-tenant-xyz")
+    assert response.status_code == 404, response.text
+    metrics = (await server.client.get("/metrics")).text
+    assert "no-such-tenant-xyz" not in metrics
