@@ -15,21 +15,28 @@ import torch
 
 from prefix_registry.artifact import PrefixArtifact
 from server.errors import ValidationError
-from server.models.loader import LoadedModel
+from server.models.loader import LoadedModel, ModelInfo
 from server.models.prefix_kv import forward_with_prefix, prefix_kv
 
 MIN_TEXT_TOKENS = 2  # one prompt token and one generated token
 
 
-def check_servable(loaded: LoadedModel, artifact: PrefixArtifact, context: int) -> None:
+def check_servable(loaded: ModelInfo, artifact: PrefixArtifact, context: int) -> None:
     """ValidationError (422) when no request could ever be served with this prefix (blocking:
-    it runs the model once)."""
+    it runs the model once). Behind Ray Serve the ingress holds no weights: only the length is
+    checked there."""
     meta = artifact.meta
     if meta.prefix_len + MIN_TEXT_TOKENS > context:
         raise ValidationError(
             f"the prefix has {meta.prefix_len} virtual tokens; with one prompt and one "
             f"generated token that exceeds this server's context of {context} tokens"
         )
+    if isinstance(loaded, LoadedModel):
+        _check_finite_outputs(loaded, artifact)
+
+
+def _check_finite_outputs(loaded: LoadedModel, artifact: PrefixArtifact) -> None:
+    meta = artifact.meta
     with torch.inference_mode():
         keys, values = prefix_kv(loaded, meta.form, artifact.tensors)  # [L, H_kv, T, hd] each
         if not (bool(torch.isfinite(keys).all()) and bool(torch.isfinite(values).all())):

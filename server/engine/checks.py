@@ -109,13 +109,6 @@ def _check_unicode(text: str, what: str) -> None:
         raise InvalidRequestError(f"{what} is not valid Unicode (a lone surrogate)") from exc
 
 
-def _check_unicode(text: str, what: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:  # a lone surrogate: the tokenizer would raise TypeError
-        raise InvalidRequestError(f"{what} is not valid Unicode (a lone surrogate)") from exc
-
-
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
