@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.auth import Principal
@@ -39,8 +40,8 @@ class RequestGuard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = _services(scope)
-        if scope["type"] != "http" or services is None or not _protected(scope["path"]):
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or services is None or not _guarded(scope):
+            await self.app(scope, receive, send)  # the router answers 404/405 unread
             return
         try:
             principal = await services.auth.authenticate(_header(scope, b"authorization"))
@@ -100,8 +101,13 @@ def _services(scope: Scope) -> Any:
     return getattr(getattr(app, "state", None), "services", None)
 
 
-def _protected(path: str) -> bool:
-    return path.startswith(PROTECTED)
+def _guarded(scope: Scope) -> bool:
+    """A request to a protected route that exists for its method (else the router refuses it
+    without reading the body, and 404/405 say more than a 401 would)."""
+    if not scope["path"].startswith(PROTECTED):
+        return False
+    routes = getattr(scope.get("app"), "routes", ())
+    return any(route.matches(scope)[0] is Match.FULL for route in routes)
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

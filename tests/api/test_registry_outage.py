@@ -133,9 +133,10 @@ async def test_without_an_announcement_the_ttl_bounds_a_revocation(
 async def test_a_cold_burst_waits_for_pooled_connections(
     private_redis: RedisServer, loaded: LoadedModel, tmp_path: Path
 ) -> None:
-    """300 concurrent requests on a just-started server: every tenant-key request looks its key
-    up and every prefix reference resolves; with a pool of 4 connections none may fail."""
-    settings = _settings(loaded, private_redis.url, tmp_path, redis_max_connections=4,
+    """120 concurrent requests on a just-started server: every tenant-key request looks its key
+    up and every prefix reference resolves; with a pool of 2 connections none may fail (the
+    300-request burst on a real server process: tests/reliability/)."""
+    settings = _settings(loaded, private_redis.url, tmp_path, redis_max_connections=2,
                          redis_pool_timeout_s=30.0)
     async with serve(settings, loaded) as served:
         keys = [await create_tenant(served.client, f"t{i}") for i in range(3)]
@@ -145,6 +146,6 @@ async def test_a_cold_burst_waits_for_pooled_connections(
         bodies = [{**GEN, "max_new_tokens": 1, "prefix_id": "style"}, GEN]
         responses = await asyncio.gather(*(
             served.client.post("/generate", headers=auth(keys[i % 3]), json=bodies[i % 2])
-            for i in range(300)))
+            for i in range(120)))
         statuses = [r.status_code for r in responses]
-        assert statuses.count(200) == 300, {s: statuses.count(s) for s in set(statuses)}
+        assert statuses.count(200) == 120, {s: statuses.count(s) for s in set(statuses)}
