@@ -26,9 +26,9 @@ from server.api.guard import RequestGuard
 from server.api.key_cache import KeyCache
 from server.api.metrics import Metrics
 from server.api.middleware import RequestContextMiddleware
+from server.api.prompts import PromptEncoder
 from server.api.quotas import Quota, QuotaCache
 from server.api.rate_limit import TokenRateLimiter
-from server.api.prompts import PromptEncoder
 from server.api.resolver import PrefixResolver
 from server.api.state import Lifecycle, Services
 from server.engine.config import EngineConfig
