@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from prefix_registry.store import PrefixStore
 from server.api.auth import issue_key
-from server.api.deps import OperatorDep, StoreDep
+from server.api.deps import OperatorDep, ServicesDep, StoreDep
 from server.api.errors import error_responses
 from server.api.schemas import (
     IssuedKey,
@@ -62,8 +62,14 @@ async def revoke_key(name: str, key_id: str, _: OperatorDep, store: StoreDep) ->
     "/{name}", response_model=TenantDeleted, responses={**_ERRORS, **error_responses(404)},
     summary="Delete a tenant: its keys stop working at once, its prefixes are deleted",
 )
-async def delete_tenant(name: str, _: OperatorDep, store: StoreDep) -> TenantDeleted:
+async def delete_tenant(
+    name: str, _: OperatorDep, store: StoreDep, services: ServicesDep
+) -> TenantDeleted:
     deletion = await store.delete_tenant(name)
+    # Its metrics series and cached quota go too (other servers drop its keys through the
+    # registry's announcement, and its series when they restart).
+    services.metrics.forget_tenant(name)
+    services.quotas.invalidate(name)
     return TenantDeleted(name=name, keys=deletion.keys, prefixes=deletion.prefixes)
 
 

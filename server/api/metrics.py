@@ -138,5 +138,11 @@ class Metrics:
         self.tokens.labels(tenant=tenant).inc(usage.completion_tokens)
         self.prompt_tokens.labels(tenant=tenant).inc(usage.prompt_tokens)
 
+    def forget_tenant(self, tenant: str) -> None:
+        """Drop every series labelled with `tenant` (it was deleted)."""
+        for metric in (self.requests, self.ttft, self.queue_time, self.rejected, self.tokens,
+                       self.prompt_tokens):
+            metric.remove_by_labels({"tenant": tenant})
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
