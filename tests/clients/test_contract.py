@@ -45,6 +45,7 @@ READERS: dict[str, Reader] = {
     "IssuedKey": sdk.ApiKey.model_validate,
     "TenantList": lambda d: [sdk.Tenant.model_validate(item) for item in d["items"]],
     "RevokedOut": lambda d: str(d["revoked"]),
+    "TenantDeleted": sdk.TenantDeletion.model_validate,
     "TenantQuotaOut": sdk.TenantQuota.model_validate,
     "HealthOut": sdk.Health.model_validate,
     "ReadyOut": sdk.Readiness.model_validate,
