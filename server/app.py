@@ -139,6 +139,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_queue=settings.max_queue,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         block_size=settings.block_size,
+        admission_lookahead_tokens=settings.admission_lookahead_tokens,
         kv_cache_bytes=settings.kv_cache_bytes,
         gpu_memory_utilization=settings.gpu_memory_utilization,
         cpu_kv_fraction=settings.cpu_kv_fraction,

@@ -101,6 +101,11 @@ class Settings(BaseSettings):
         default=0.5, gt=0, le=1, description="CPU: share of the available RAM for the KV pool"
     )
     block_size: int = Field(default=16, ge=1, le=1024, description="tokens per KV block")
+    admission_lookahead_tokens: int = Field(
+        default=64, ge=0, le=1_000_000,
+        description="admit a request only if every running request can still grow by this many "
+        "tokens (0: admit whatever fits now and preempt when memory runs out)",
+    )
     attention_backend: Literal["auto", "torch"] = Field(
         default="auto", description="paged attention implementation"
     )

@@ -86,13 +86,13 @@ class BlockManager:
 
     # -- request blocks -----------------------------------------------------------------------
 
-    def grow(self, table: list[int], tokens: int, *, reserve: int = 0) -> bool:
-        """Append blocks to `table` until it holds `tokens` slots. False (and nothing taken) when
-        that would leave fewer than `reserve` blocks for others."""
+    def grow(self, table: list[int], tokens: int) -> bool:
+        """Append blocks to `table` until it holds `tokens` slots; False (and nothing taken)
+        when the pool cannot."""
         need = self.blocks_for(tokens) - len(table)
         if need <= 0:
             return True
-        if need + reserve > self.num_free:
+        if need > self.num_free:
             return False
         table.extend(self._take(need))
         return True
@@ -105,7 +105,15 @@ class BlockManager:
 
     # -- prefix blocks ------------------------------------------------------------------------
 
-    def acquire_prefix(self, key: PrefixKey, *, reserve: int = 0) -> PrefixBlocks | None:
+    def prefix_cost(self, key: PrefixKey) -> int:
+        """Blocks acquiring `key` would take from the free ones: none when it is held, its
+        blocks when it is idle (they stop being reclaimable), new blocks when absent."""
+        entry = self._prefixes.get(key)
+        if entry is None:
+            return self.blocks_for(key[2])
+        return 0 if entry.holders else len(entry.blocks)
+
+    def acquire_prefix(self, key: PrefixKey) -> PrefixBlocks | None:
         """Hold the prefix `key`. A hit shares its blocks; a miss allocates blocks for its
         length (`written` False: the caller writes the K/V). None when there is no room."""
         entry = self._prefixes.get(key)
@@ -118,7 +126,7 @@ class BlockManager:
             return entry
         length = key[2]
         need = self.blocks_for(length)
-        if need + reserve > self.num_free:
+        if need > self.num_free:
             return None
         entry = PrefixBlocks(key, length, self._take(need), holders=1)
         self._prefixes[key] = entry

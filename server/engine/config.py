@@ -16,6 +16,7 @@ class EngineConfig:
     max_queue: int = 1024  # most requests waiting to be admitted; beyond it submit is refused
     max_num_batched_tokens: int = 2048  # tokens per step: decode rows plus prompt chunks
     block_size: int = 16  # token slots per KV block
+    admission_lookahead_tokens: int = 64  # growth kept free per running request (scheduler.py)
     kv_cache_bytes: int | None = None  # KV pool size; None = a share of the free memory
     gpu_memory_utilization: float = 0.9  # CUDA: share of the device's memory the process may use
     cpu_kv_fraction: float = 0.5  # CPU: share of the RAM available after loading, for the pool
@@ -35,8 +36,8 @@ class EngineConfig:
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                 f"max_batch_size ({self.max_batch_size}): every running request decodes each step"
             )
-        if self.max_queue < 0:
-            raise ValueError("EngineConfig.max_queue must be >= 0")
+        if self.max_queue < 0 or self.admission_lookahead_tokens < 0:
+            raise ValueError("EngineConfig.max_queue and admission_lookahead_tokens must be >= 0")
         if not 0 < self.gpu_memory_utilization <= 1 or not 0 < self.cpu_kv_fraction <= 1:
             raise ValueError("gpu_memory_utilization and cpu_kv_fraction must be in (0, 1]")
         if self.max_seq_len is not None and self.max_seq_len < 2:

@@ -58,6 +58,7 @@ class Engine:
             max_running=self.config.max_batch_size,
             max_tokens=self.config.max_num_batched_tokens,
             watermark=self.pool_plan.watermark_blocks,
+            lookahead=self.config.admission_lookahead_tokens,
         ))
         self.runner = Runner(loaded, self.pool, self.pool_plan.backend)
         self.intake = Intake(self.config.max_queue)

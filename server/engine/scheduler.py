@@ -50,7 +50,11 @@ class StepPlan:
 class SchedulerLimits:
     max_running: int  # requests running at once
     max_tokens: int  # tokens per step (decode rows + prompt chunks)
-    watermark: int = 0  # blocks admission leaves free, so running requests can grow
+    watermark: int = 0  # blocks admission always leaves free
+    # Admission also leaves free what running requests need for this many more tokens each (up
+    # to their max_new_tokens), so a request admitted now does not force a preemption a few
+    # steps later; growth beyond that horizon is met by preemption.
+    lookahead: int = 0
 
 
 class Scheduler:
@@ -80,11 +84,13 @@ class Scheduler:
                     break
                 if request.status is Status.RUNNING and (request.tokens_left == 1) == decoding:
                     budget -= self._continue(request, budget, plan)
+        growth = sum(self._growth(r) for r in self.running)
         while not plan.preempted and budget and len(self.running) < self.limits.max_running:
             waiting = self.queue.next(self._eligible)
-            if waiting is None or not self._admit(waiting, budget, plan, now):
+            if waiting is None or not self._admit(waiting, budget, plan, now, growth):
                 break
             budget -= plan.work[-1].length
+            growth += self._growth(waiting)
         return plan
 
     def commit(self, plan: StepPlan) -> None:
@@ -130,21 +136,28 @@ class Scheduler:
         self.requeued += 1
         self.queue.requeue(request)
 
-    def _admit(self, request: Request, budget: int, plan: StepPlan, now: float) -> bool:
-        """Give `request` its prefix blocks and blocks for its first chunk, if they fit."""
-        reserve = self.limits.watermark
-        prefix = request.spec.prefix
-        entry = None
-        if prefix is not None:
-            key = (prefix.form, prefix.content_hash, prefix.prefix_len)
-            entry = self.blocks.acquire_prefix(key, reserve=reserve)
-            if entry is None:
-                return False
+    def _growth(self, request: Request) -> int:
+        """Blocks `request` still needs for its known tokens and `lookahead` more (up to its
+        end), beyond those it holds."""
+        last = len(request.prompt_ids) + request.sampling.max_new_tokens - 1
+        tokens = min(last, request.num_tokens + self.limits.lookahead)
+        return max(0, self.blocks.blocks_for(tokens) - len(request.blocks))
+
+    def _admit(
+        self, request: Request, budget: int, plan: StepPlan, now: float, growth: int
+    ) -> bool:
+        """Give `request` its prefix blocks and blocks for its first chunk, if that leaves the
+        watermark plus the growth of the running requests (and of this one) free."""
         length = min(request.tokens_left, budget)
-        if not self.blocks.grow(request.blocks, length, reserve=reserve):
-            if entry is not None:
-                self.blocks.release_prefix(entry)
+        own = self.blocks.blocks_for(length)  # taken now; the rest of its growth is reserved
+        reserve = self.limits.watermark + growth + self._growth(request) - own
+        prefix = request.spec.prefix
+        key = None if prefix is None else (prefix.form, prefix.content_hash, prefix.prefix_len)
+        cost = own + (0 if key is None else self.blocks.prefix_cost(key))
+        if cost + reserve > self.blocks.num_free:
             return False
+        entry = None if key is None else self.blocks.acquire_prefix(key)
+        self.blocks.grow(request.blocks, length)
         if entry is not None and not entry.written and entry not in plan.new_prefixes:
             plan.new_prefixes.append(entry)
         if request.admitted_at is None:

@@ -20,12 +20,11 @@ def test_blocks_are_handed_out_lowest_first_and_come_back() -> None:
     assert bm.high_water == 4
 
 
-def test_growth_fails_whole_and_respects_the_reserve() -> None:
+def test_growth_fails_whole() -> None:
     bm = BlockManager(num_blocks=4, block_size=2)
     table: list[int] = []
     assert not bm.grow(table, 9) and table == []  # 5 blocks: more than the pool
-    assert not bm.grow(table, 8, reserve=1) and table == []
-    assert bm.grow(table, 6, reserve=1) and len(table) == 3
+    assert bm.grow(table, 8) and len(table) == 4
 
 
 def test_a_prefix_is_stored_once_and_shared() -> None:
@@ -38,6 +37,7 @@ def test_a_prefix_is_stored_once_and_shared() -> None:
     assert second is first and first.holders == 2
     stats = bm.stats()
     assert (stats.prefix, stats.used, stats.prefix_hits, stats.prefix_misses) == (2, 2, 1, 1)
+    assert bm.prefix_cost(key) == 0 and bm.prefix_cost(("kv", "other", 20)) == 5
 
 
 def test_an_idle_prefix_stays_cached_until_its_blocks_are_needed() -> None:

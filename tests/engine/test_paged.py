@@ -54,8 +54,9 @@ async def test_preempted_requests_finish_exactly_as_if_never_interrupted(load_ti
         alone = await engine.submit(dataclasses.replace(sampled, request_id="alone")).collect()
     # 24 blocks of 4 tokens: far less than the requests need at once, more than any one needs.
     per_block = plan_pool(loaded, EngineConfig(block_size=4)).bytes_per_block
-    async with running(loaded, block_size=4, kv_cache_bytes=24 * per_block,
-                       max_seq_len=88) as engine:
+    # No lookahead: admit whatever fits now, so growth must preempt.
+    async with running(loaded, block_size=4, kv_cache_bytes=24 * per_block, max_seq_len=88,
+                       admission_lookahead_tokens=0) as engine:
         results = await asyncio.gather(*(engine.submit(r).collect() for r in [*requests, sampled]))
         stats = engine.stats()
     assert stats.preemptions > 0 and stats.kv_blocks_used == 0
@@ -67,6 +68,12 @@ async def test_preempted_requests_finish_exactly_as_if_never_interrupted(load_ti
         assert got.finished.finish_reason.value == "length"
         assert got.token_ids == want, request.request_id
     assert by_id["s"].token_ids == alone.token_ids  # its own random stream, continued
+    # With the default lookahead the same workload runs without a preemption, same tokens.
+    async with running(loaded, block_size=4, kv_cache_bytes=24 * per_block,
+                       max_seq_len=88) as engine:
+        again = await asyncio.gather(*(engine.submit(r).collect() for r in requests))
+        assert engine.stats().preemptions == 0
+    assert [c.token_ids for c in again] == [by_id[r.request_id].token_ids for r in requests]
 
 
 async def test_a_long_context_row_beside_short_ones_changes_nothing(load_tiny) -> None:

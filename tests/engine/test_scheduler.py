@@ -25,9 +25,9 @@ def _request(rid: str, prompt: int, *, prefix: PrefixSource | None = None,
 
 
 def _scheduler(blocks: int = 64, block_size: int = 4, running: int = 8, tokens: int = 16,
-               watermark: int = 0) -> Scheduler:
+               watermark: int = 0, lookahead: int = 0) -> Scheduler:
     return Scheduler(BlockManager(blocks, block_size), FifoQueue(),
-                     SchedulerLimits(running, tokens, watermark))
+                     SchedulerLimits(running, tokens, watermark, lookahead))
 
 
 def _step(s: Scheduler, *sampled: Request) -> StepPlan:
@@ -146,3 +146,25 @@ def test_a_cancelled_waiting_request_leaves_the_queue() -> None:
     assert len(s.queue) == 0 and b.status is Status.FINISHED
     s.finish(a)
     assert not s.has_work
+
+
+def test_admission_leaves_room_for_running_requests_to_grow() -> None:
+    s = _scheduler(blocks=7, block_size=4, tokens=32, lookahead=8)
+    a, b, c = _request("a", 4), _request("b", 4), _request("c", 4)
+    for r in (a, b, c):
+        s.add(r)
+    # Each takes 1 block now and keeps 2 more free for its next 8 tokens: a and b fit (6 of 7);
+    # c would leave less than everyone's growth.
+    assert _shares(_step(s)) == {"a": 4, "b": 4}
+    assert s.blocks.num_free == 5
+    s.finish(a)
+    assert "c" in _shares(_step(s))
+
+
+def test_the_lookahead_stops_at_a_request_s_end() -> None:
+    s = _scheduler(blocks=4, block_size=4, tokens=32, lookahead=1000)
+    short = Request("s", EngineRequest([1] * 3, SamplingParams(max_new_tokens=2)), [1] * 3)
+    other = Request("o", EngineRequest([1] * 3, SamplingParams(max_new_tokens=2)), [1] * 3)
+    s.add(short)
+    s.add(other)
+    assert _shares(_step(s)) == {"s": 3, "o": 3}  # 4 tokens each at most: one block each
