@@ -111,9 +111,9 @@ def summarize(args: argparse.Namespace, budget_mb: int, per_token: int, own_toke
         lines.append(("ideal in whole blocks", f"{blocked} ({block}-token blocks); peak / that "
                                                f"{peak / max(1, blocked):.2f}x"))
     preempted = max((s.get("prefix_serve_preemptions_total", 0.0) for s in samples), default=0)
-    lines.append(("preemptions", f"{preempted:g} (a request holds blocks only for the tokens it"
-                                 " has so far, so more can run than the ideal until some are"
-                                 " preempted)"))
+    lines.append(("preemptions", f"{preempted:g} (with --admission-lookahead-tokens 0 the server"
+                                 " admits on the blocks requests hold so far: more run at once,"
+                                 " and some are preempted as they grow)"))
     lines.append(("peak KV metrics", ", ".join(f"{k} {v:g}" for k, v in kv_peaks.items())
                   or "none reported"))
     if "error" in result:
