@@ -7,6 +7,10 @@ one line on stderr naming the flag and its variable, with exit status 2.
 SIGTERM / Ctrl-C: uvicorn stops accepting connections and the app stops admitting requests
 (503 `shutting_down`) at once; running requests get `--shutdown-grace-s` to finish, after which
 the engine cancels them and the process exits.
+
+A dead engine never comes back: `/health` turns 503 at once, and (unless
+`--no-exit-on-engine-death`) the server shuts down and exits with status 1, so a restart
+policy (Docker's, systemd's) or a liveness probe brings a fresh process.
 """
 
 from __future__ import annotations
@@ -30,19 +34,32 @@ from server.startup import Preflight, StartupError, preflight
 log = logging.getLogger("prefix_serve.server")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 EXIT_STARTUP = 2  # like argparse's usage errors: the command as given cannot run
+EXIT_ENGINE_DEAD = 1
 
 
 class GracefulServer(uvicorn.Server):
-    """uvicorn's server that also tells the app to drain as soon as a signal arrives."""
+    """uvicorn's server that also tells the app to drain as soon as a signal arrives, and
+    shuts down when `alive()` turns False (the engine died)."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None]) -> None:
+    def __init__(
+        self, config: uvicorn.Config, on_exit: Callable[[], None],
+        alive: Callable[[], bool] | None = None,
+    ) -> None:
         super().__init__(config)
-        self._on_exit = on_exit
+        self._on_exit, self._alive = on_exit, alive
+        self.engine_died = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         super().handle_exit(sig, frame)
         with contextlib.suppress(RuntimeError):  # no running loop: nothing to drain
             asyncio.get_running_loop().call_soon_threadsafe(self._on_exit)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self._alive is not None and not self.engine_died and not self._alive():
+            log.error("the engine is dead: shutting down, exit status %d", EXIT_ENGINE_DEAD)
+            self.engine_died = True
+            self._on_exit()
+        return self.engine_died or await super().on_tick(counter)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -94,7 +111,11 @@ def _serve(settings: Settings, checked: Preflight) -> None:
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + 5,
     )
     log.info("listening on http://%s:%d once started", settings.host, settings.port)
-    GracefulServer(config, begin_shutdown).run(sockets=[checked.sock])
+    alive = (lambda: engine.alive) if settings.exit_on_engine_death else None
+    server = GracefulServer(config, begin_shutdown, alive)
+    server.run(sockets=[checked.sock])
+    if server.engine_died:
+        sys.exit(EXIT_ENGINE_DEAD)
 
 
 def _settings_or_exit(argv: Sequence[str]) -> Settings:

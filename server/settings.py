@@ -190,6 +190,10 @@ class Settings(BaseSettings):
     auth_disabled: bool = Field(
         default=False, description="development only: no keys; everyone is 'default' + operator"
     )
+    exit_on_engine_death: bool = Field(
+        default=True, description="exit with status 1 once the engine died (/health is 503 "
+        "either way), so a restart policy brings a fresh process",
+    )
     shutdown_grace_s: float = Field(
         default=30.0, ge=0, description="on SIGTERM, how long running requests may finish"
     )
