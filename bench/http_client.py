@@ -4,7 +4,8 @@ or the baseline's interpreter.
 Reads a spec as JSON on stdin (`bench.serving.client_spec`): the server's URL, a tenant key and
 the requests. Sends them all at once as streamed greedy `/v1/completions` (token-id prompts,
 `temperature` 0) with httpx, and optionally samples `/metrics` meanwhile. Writes JSON on stdout:
-per request the send, first-text and end times, the text and the completion tokens the server
+per request the send, first-text and end times, the arrival time of each text chunk (one chunk
+per token with the bench model's tokenizer), the text and the completion tokens the server
 reported; the metric samples; and the wall time from the first send to the last end.
 
     python -m bench.http_client < spec.json
@@ -26,7 +27,7 @@ async def completion(client: httpx.AsyncClient, url: str, key: str,
                      request: dict[str, Any]) -> dict[str, Any]:
     body = {**request, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
-    start, first, pieces, usage = time.perf_counter(), None, [], None
+    start, first, pieces, usage, times = time.perf_counter(), None, [], None, []
     headers = {"Authorization": f"Bearer {key}"}
     async with client.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as r:
         if r.status_code != 200:
@@ -39,11 +40,12 @@ async def completion(client: httpx.AsyncClient, url: str, key: str,
                 return {"error": chunk["error"]}
             text = "".join(choice["text"] for choice in chunk.get("choices", []))
             if text:
-                first = first or time.perf_counter()
+                times.append(time.perf_counter())
+                first = first or times[-1]
                 pieces.append(text)
             usage = chunk.get("usage") or usage
     end = time.perf_counter()
-    return {"start": start, "first": first, "end": end, "text": "".join(pieces),
+    return {"start": start, "first": first, "end": end, "times": times, "text": "".join(pieces),
             "completion_tokens": (usage or {}).get("completion_tokens")}
 
 

@@ -81,10 +81,11 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     raise RuntimeError(f"prefix-serve was not ready within {STARTUP_S} s")
 
 
-def add_tenant_and_prefixes(url: str, prefixes: list[dict[str, torch.Tensor]]) -> str:
-    """Create the bench tenant, upload `prefixes` as p0, p1, ...; the tenant's key."""
+def add_tenant_and_prefixes(url: str, prefixes: list[dict[str, torch.Tensor]],
+                            tenant: str = TENANT) -> str:
+    """Create `tenant`, upload `prefixes` as its p0, p1, ...; the tenant's key."""
     with PrefixClient(url, ADMIN_KEY) as admin:
-        key = admin.create_tenant(TENANT).api_key
+        key = admin.create_tenant(tenant).api_key
     with PrefixClient(url, key, timeout=60) as tenant:
         for i, tensors in enumerate(prefixes):
             tenant.upload_prefix(f"p{i}", tensors)
@@ -99,9 +100,10 @@ def client_spec(url: str, key: str, workload: Workload, metrics_every_s: float |
     return {"url": url, "key": key, "requests": requests, "metrics_every_s": metrics_every_s}
 
 
-def run_client(spec: dict[str, Any], timeout_s: float = 3600) -> dict[str, Any]:
-    """Run `bench.http_client` in its own process on `spec`; its results."""
-    done = subprocess.run([sys.executable, "-m", "bench.http_client"], input=json.dumps(spec),
+def run_client(spec: dict[str, Any], timeout_s: float = 3600,
+               module: str = "bench.http_client") -> dict[str, Any]:
+    """Run the load generator `module` in its own process on `spec`; its results."""
+    done = subprocess.run([sys.executable, "-m", module], input=json.dumps(spec),
                           cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
     if done.returncode != 0:
         raise RuntimeError(f"the client failed:\n{done.stderr[-3000:]}")
