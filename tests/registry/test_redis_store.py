@@ -49,8 +49,13 @@ async def test_cached_store_drops_a_stale_prefix_updated_elsewhere(
 ) -> None:
     cache = CachedStore(redis_store)
     await cache.start()
+    heard: list[tuple[str, str]] = []  # called after the cache's own callback, for the same message
+    await redis_store.subscribe(lambda t, n: heard.append((t, n)))
     await other_store.create_tenant("acme")
     first = await other_store.put(make_artifact(seed=1))
+    # The announcement of this put must reach the cache before it caches anything, or it would
+    # drop what it had just cached when it arrives.
+    await _until(lambda: ("acme", "style") in heard, timeout=1.0)
     assert (await cache.get("acme", "style")).meta.sha256 == first.sha256
     assert (await cache.get("acme", "style@1")).meta.sha256 == first.sha256
     assert len(cache) == 2
