@@ -9,7 +9,7 @@ them) and measures output tokens/s and TTFT. The baseline, in the same run: the 
 HF static batch (`hf_static.py`) in this process. Repeats alternate the two; each side's best
 run is kept. Target: HTTP >= 0.9x the static batch.
 
-    python -m bench.http_throughput [--quick] [--repeats 3] [--threads N]
+    python -m bench.http_throughput [--quick] [--repeats 3] [--threads N] [--server-flag=F]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def main() -> None:
     warm = make_workload(4, lengths, (10, 20), 4, fp.vocab_size, seed=1)
     runs: list[tuple[StaticResult, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory() as tmp, prefix_serve(
-            model_dir, [], Path(tmp), args.threads) as server:
+            model_dir, args.server_flag, Path(tmp), args.threads) as server:
         key = add_tenant_and_prefixes(server.url, tensors)
         run_client(client_spec(server.url, key, warm))
         static_batch(loaded.model, warm, tensors)
@@ -89,8 +89,8 @@ def summarize(args: argparse.Namespace, workload: Workload,
         ("workload", f"{len(workload.rows)} concurrent requests, {len(workload.prefix_lengths)} "
                      "prefixes of 8-32 tokens, prompts of 10-90 tokens, "
                      f"{workload.new_tokens} greedy tokens each"),
-        ("server", "prefix-serve, default flags" + (f", OMP_NUM_THREADS={args.threads}"
-                                                    if args.threads else "")),
+        ("server", "prefix-serve, default flags" + "".join(f", {f}" for f in args.server_flag)
+                   + (f", OMP_NUM_THREADS={args.threads}" if args.threads else "")),
         ("HF static batch (best)", f"{best_hf['tok_s']:.1f} tok/s, TTFT (its prefill) "
                                    f"{best_hf['prefill_s']:.2f} s"),
         ("HTTP (best)", f"{best_http['tok_s']:.1f} tok/s, TTFT p50 "
@@ -111,6 +111,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs of each side")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads here and OMP_NUM_THREADS for the server")
+    parser.add_argument("--server-flag", action="append", default=[], metavar="FLAG",
+                        help="a flag for the server beyond the defaults (repeatable), e.g. "
+                        "--server-flag=--output-thread=on")
     parser.add_argument("--results-dir", type=Path, default=RESULTS)
     return parser.parse_args()
 

@@ -145,6 +145,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         cpu_kv_fraction=settings.cpu_kv_fraction,
         max_seq_len=settings.max_seq_len,
         attention_backend=settings.attention_backend,
+        output_thread=settings.output_thread,
         fairness=settings.fairness,
         fair_prompt_weight=settings.fair_prompt_weight,
         fair_output_weight=settings.fair_output_weight,

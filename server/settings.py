@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     attention_backend: Literal["auto", "torch"] = Field(
         default="auto", description="paged attention implementation"
     )
+    output_thread: Literal["auto", "on", "off"] = Field(
+        default="auto", description="detokenize and deliver text on a thread of its own (auto: "
+        "yes, unless on the CPU with torch threads taking every core)"
+    )
     prefix_cache_mb: float = Field(
         default=256.0, gt=0, description="host memory for prefix tensors read from the registry"
     )

@@ -22,6 +22,7 @@ class EngineConfig:
     cpu_kv_fraction: float = 0.5  # CPU: share of the RAM available after loading, for the pool
     max_seq_len: int | None = None  # prefix + prompt + output per request; None = model's context
     attention_backend: Literal["auto", "torch"] = "auto"
+    output_thread: Literal["auto", "on", "off"] = "auto"  # detokenize on a thread (output.py)
     record_logits: bool = False  # keep each request's first-step logits (tests)
     fairness: str = "vtc"  # waiting-queue policy: "vtc" (token-fair between tenants) or "fifo"
     fair_prompt_weight: float = 1.0  # service charged per prompt token (fairness.PROMPT_WEIGHT)

@@ -25,7 +25,7 @@ from server.engine.intake import Intake
 from server.engine.kv_pool import KVPool
 from server.engine.live import eos_ids, serve_error
 from server.engine.memory import plan_pool
-from server.engine.output import Finish, Item, Live, OutputProcessor, Tokens
+from server.engine.output import Finish, Item, Live, OutputProcessor, Tokens, use_thread
 from server.engine.prefixes import prefix_keys_values
 from server.engine.request import EngineRequest, FinishReason, Request, now
 from server.engine.runner import Runner
@@ -62,7 +62,10 @@ class Engine:
         ))
         self.runner = Runner(loaded, self.pool, self.pool_plan.backend)
         self.intake = Intake(self.config.max_queue)
-        self.output = OutputProcessor(release=lambda rid: self.intake.post("release", rid))
+        self.output = OutputProcessor(
+            release=lambda rid: self.intake.post("release", rid),
+            threaded=use_thread(self.config.output_thread, loaded.device),
+        )
         self.first_logits: dict[str, torch.Tensor] = {}  # request id -> [vocab] (record_logits)
         self.steps = self.tokens_generated = 0
         self.busy_s = self.forward_s = 0.0  # see EngineStats

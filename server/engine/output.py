@@ -3,13 +3,17 @@
 The engine thread hands over each step's results as one batch and goes on with the next step;
 this thread detokenizes, watches for stop strings and delivers `TextDelta`/`Finished` events (one
 `call_soon_threadsafe` per caller loop per batch). So detokenization and delivery never delay the
-model. A stop string is found here, after the engine may already have computed a token or two
-more: those are dropped, the request is finished here, and the engine is asked to let it go.
+model, as long as a core is free for this thread. When torch's threads already take every CPU
+(the CPU default), a third busy thread only preempts the model's workers, so `use_thread` keeps
+this work on the engine thread, between steps. A stop string is found here, after the engine may
+already have computed a token or two more: those are dropped, the request is finished here, and
+the engine is asked to let it go.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -57,20 +61,37 @@ class Finish:
 Item = Tokens | Finish
 
 
+def use_thread(setting: str, device: torch.device) -> bool:
+    """`--output-thread`: "on", "off", or "auto" = a thread of its own unless the model runs on
+    the CPU with as many torch threads as the process may use CPUs."""
+    if setting != "auto":
+        return setting == "on"
+    if device.type != "cpu":
+        return True
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return torch.get_num_threads() < (cpus or 1)
+
+
 class OutputProcessor:
-    def __init__(self, release: Callable[[str], None]) -> None:
+    def __init__(self, release: Callable[[str], None], *, threaded: bool = True) -> None:
         self._release = release  # tell the engine a request ended here (stop string)
+        self.threaded = threaded  # False: `put` does the work on the caller's (engine) thread
         self._queue: queue.SimpleQueue[list[Item] | None] = queue.SimpleQueue()
         self._outbox = Outbox()
         self._thread = threading.Thread(target=self._loop, name="prefix-serve-output",
                                         daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        if self.threaded:
+            self._thread.start()
 
     def put(self, items: list[Item]) -> None:
-        if items:
+        if not items:
+            return
+        if self.threaded:
             self._queue.put(items)
+        else:
+            self._process(items)
 
     def stop(self) -> None:
         """Deliver everything already handed over, then end the thread."""

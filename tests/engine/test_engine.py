@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from server.engine import Engine, EngineConfig, EngineRequest, SamplingParams, TextDelta, Usage
+from server.engine.output import use_thread
 from server.errors import (
     ContextLengthError,
     FatalEngineError,
@@ -26,11 +27,15 @@ def _req(n: int = 12, prompt: list[int] | str = PROMPT, **sampling: object) -> E
     return EngineRequest(prompt, dataclasses.replace(params, **sampling))
 
 
-async def test_deltas_are_valid_text_and_concatenate_to_the_decoded_tokens(load_tiny) -> None:
+@pytest.mark.parametrize("output_thread", ["on", "off"])
+async def test_deltas_are_valid_text_and_concatenate_to_the_decoded_tokens(
+    load_tiny, output_thread: str
+) -> None:
     loaded = load_tiny("llama")
     requests = [_req(40, temperature=1.5, seed=s) for s in range(6)]
     requests.append(_req(10, prompt="café 日本語"))
-    async with running(loaded) as engine:
+    async with running(loaded, output_thread=output_thread) as engine:
+        assert engine.output.threaded == (output_thread == "on")
         streams = [engine.submit(r) for r in requests]
         for request, stream in zip(requests, streams, strict=True):
             deltas = [e async for e in stream]
@@ -45,9 +50,10 @@ async def test_deltas_are_valid_text_and_concatenate_to_the_decoded_tokens(load_
             assert 0 <= t.queue_s <= t.ttft_s <= t.total_s
 
 
-async def test_stop_strings_and_stop_tokens(load_tiny, monkeypatch) -> None:
+@pytest.mark.parametrize("output_thread", ["on", "off"])
+async def test_stop_strings_and_stop_tokens(load_tiny, monkeypatch, output_thread: str) -> None:
     loaded = load_tiny("llama")
-    async with running(loaded) as engine:
+    async with running(loaded, output_thread=output_thread) as engine:
         full = await engine.submit(_req(16)).collect()
         stop = full.text[4:7]
         cut = await engine.submit(_req(16, stop=(stop,))).collect()
@@ -61,11 +67,21 @@ async def test_stop_strings_and_stop_tokens(load_tiny, monkeypatch) -> None:
         assert by_id.finished.finish_reason.value == "stop"
     # EOS ends a request unless ignore_eos.
     monkeypatch.setattr(loaded.model.generation_config, "eos_token_id", full.token_ids[3])
-    async with running(loaded) as engine:
+    async with running(loaded, output_thread=output_thread) as engine:
         eos = await engine.submit(_req(16, ignore_eos=False)).collect()
         ignored = await engine.submit(_req(16)).collect()
     assert eos.finished.finish_reason.value == "stop" and len(eos.token_ids) <= 4
     assert ignored.token_ids == full.token_ids
+
+
+def test_output_thread_auto_leaves_the_cores_to_torch_on_a_busy_cpu(monkeypatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert not use_thread("auto", cpu) and use_thread("auto", cuda)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert use_thread("auto", cpu)
+    assert use_thread("on", cpu) and not use_thread("off", cuda)
 
 
 async def test_cancel_leaves_the_batch_and_frees_its_blocks(load_tiny) -> None:
