@@ -77,16 +77,19 @@ async def test_preempted_requests_finish_exactly_as_if_never_interrupted(load_ti
 
 
 async def test_a_long_context_row_beside_short_ones_changes_nothing(load_tiny) -> None:
-    loaded = load_tiny("qwen3")
+    loaded = load_tiny("qwen3")  # grouped-query attention: 4 heads over 2 KV heads
     long_prompt = [(7 * i) % 300 + 1 for i in range(200)]
-    # Blocks of 8: the long row reads more than LONG_ROW_BLOCKS blocks, the short ones a few.
+    prefixes = [None, make_prefix(loaded, 13, seed=5)]  # 13 tokens: a partly used prefix block
+    # Blocks of 8: the long rows read more than LONG_ROW_BLOCKS blocks, the short ones a few.
     async with running(loaded, max_batch_size=8, max_num_batched_tokens=64,
                        block_size=8) as engine:
-        long = engine.submit(_greedy(long_prompt, 40, rid="long"))
+        longs = [engine.submit(_greedy(long_prompt, 40, p, rid=f"long{i}"))
+                 for i, p in enumerate(prefixes)]
         shorts = [engine.submit(_greedy([9 + i, 4, 2], 12, rid=f"s{i}")) for i in range(5)]
-        results = await asyncio.gather(long.collect(), *(s.collect() for s in shorts))
-    assert results[0].token_ids == reference_greedy(loaded, long_prompt, None, 40)[0]
-    for i, result in enumerate(results[1:]):
+        results = await asyncio.gather(*(s.collect() for s in [*longs, *shorts]))
+    for prefix, result in zip(prefixes, results, strict=False):
+        assert result.token_ids == reference_greedy(loaded, long_prompt, prefix, 40)[0]
+    for i, result in enumerate(results[2:]):
         assert result.token_ids == reference_greedy(loaded, [9 + i, 4, 2], None, 12)[0]
 
 
