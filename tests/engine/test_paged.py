@@ -6,8 +6,10 @@ import asyncio
 import dataclasses
 
 import pytest
+import torch
 
-from server.engine import Engine, EngineConfig, EngineRequest, SamplingParams
+from server.engine import Engine, EngineConfig, EngineRequest, SamplingParams, memory
+from server.engine.config import MiB
 from server.engine.memory import plan_pool
 from tests.engine.helpers import make_prefix, reference_greedy, running
 
@@ -109,3 +111,26 @@ def test_a_budget_too_small_for_one_request_names_the_flags(load_tiny) -> None:
         Engine(loaded, EngineConfig(kv_cache_bytes=4096))
     engine = Engine(loaded, EngineConfig(kv_cache_bytes=2**20, max_seq_len=64))
     assert engine.pool_plan.max_seq_len == 64
+
+
+def _shaped(loaded, layers: int, kv_heads: int, head_dim: int, context: int):
+    """`loaded` as the pool planner sees a model of another attention shape, in bfloat16."""
+    fp = dataclasses.replace(loaded.fingerprint, num_layers=layers, num_kv_heads=kv_heads,
+                             head_dim=head_dim)
+    return dataclasses.replace(loaded, fingerprint=fp, dtype=torch.bfloat16, max_context=context)
+
+
+def test_real_model_shapes_are_served_with_the_default_flags(load_tiny, monkeypatch) -> None:
+    monkeypatch.setattr(memory, "_available_ram", lambda: 16 * 2**30)  # a 16 GiB machine
+    qwen3_06b = _shaped(load_tiny("qwen3"), 28, 8, 128, 40960)  # 112 KiB of K/V per token
+    plan = plan_pool(qwen3_06b, EngineConfig())
+    assert plan.max_seq_len == 40960 and plan.num_blocks * 16 == 74_896  # half of 16 GiB
+    assert plan.num_blocks // plan.blocks_for(2048) >= 36  # 36 requests of 2k tokens at once
+    # The old default budget (512 MiB) held one 4096-token slot in bfloat16; in blocks it holds
+    # eight 512-token requests, or one of 4096.
+    small = plan_pool(qwen3_06b, EngineConfig(kv_cache_bytes=512 * MiB, max_seq_len=4096))
+    assert small.num_blocks // (small.blocks_for(512) + 1) == 8
+    llama3_8b = _shaped(load_tiny("llama"), 32, 8, 128, 8192)  # 128 KiB per token
+    assert plan_pool(llama3_8b, EngineConfig()).num_blocks * 16 == 65_536
+    with pytest.raises(ValueError, match="--kv-cache-mb .*--max-seq-len"):
+        plan_pool(llama3_8b, EngineConfig(kv_cache_bytes=512 * MiB))  # 8192 tokens need 1 GiB
