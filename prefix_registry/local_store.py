@@ -40,6 +40,7 @@ from prefix_registry.store import (
     MetaList,
     Notifier,
     Page,
+    QuotaCallback,
     ResetCallback,
     RevokedCallback,
     Subscription,
@@ -189,9 +190,9 @@ class LocalStore:
 
     async def subscribe(
         self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None,
-        on_revoked: RevokedCallback | None = None,
+        on_revoked: RevokedCallback | None = None, on_quota: QuotaCallback | None = None,
     ) -> Subscription:
-        return self._notifier.add(callback, on_reset, on_revoked)
+        return self._notifier.add(callback, on_reset, on_revoked, on_quota)
 
     # ---- tenants and API keys -------------------------------------------------------------
 
@@ -267,7 +268,9 @@ class LocalStore:
     ) -> TenantQuota:
         checked = check_quota_changes(changes)
         await self._known(tenant)
-        return await self._io(self._update_quota, tenant, checked)
+        quota = await self._io(self._update_quota, tenant, checked)
+        await self._notifier.quota_changed(tenant)
+        return quota
 
     def _update_quota(self, tenant: str, changes: Mapping[str, QuotaValue | None]
                       ) -> TenantQuota:

@@ -48,7 +48,7 @@ class Keys:
         return f"{self.registry}key-hashes"
 
     @property
-    def channel(self) -> str:  # pub/sub: {"tenant", "name"} or {"tenant", "revoked": [hash]}
+    def channel(self) -> str:  # pub/sub: {"tenant"} with "name", "revoked": [hash] or "quota"
         return f"{self.ns}changes"
 
     def tenant_keys(self, tenant: str) -> str:  # HASH key_id -> {"key_hash", "created_at"}
@@ -179,18 +179,19 @@ USAGE_SCRIPT = _STORED_BYTES + """
 return {redis.call("ZCARD", KEYS[2]), stored_bytes(KEYS[1], KEYS[2], ARGV[1])}
 """
 
-# Set or clear quota fields of an existing tenant. KEYS: tenants hash, the tenant's quota hash.
-# ARGV: tenant, then field, JSON value ("" = clear), ... Returns the quota hash's field, value, ...
-# list, or nil for an unknown tenant.
+# Set or clear quota fields of an existing tenant and announce it. KEYS: tenants hash, the
+# tenant's quota hash. ARGV: tenant, channel, then field, JSON value ("" = clear), ... Returns the
+# quota hash's field, value, ... list, or nil for an unknown tenant.
 UPDATE_QUOTA_SCRIPT = """
 if redis.call("HEXISTS", KEYS[1], ARGV[1]) == 0 then return false end
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   if ARGV[i + 1] == "" then
     redis.call("HDEL", KEYS[2], ARGV[i])
   else
     redis.call("HSET", KEYS[2], ARGV[i], ARGV[i + 1])
   end
 end
+redis.call("PUBLISH", ARGV[2], cjson.encode({tenant = ARGV[1], quota = true}))
 return redis.call("HGETALL", KEYS[2])
 """
 

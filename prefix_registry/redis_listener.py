@@ -86,12 +86,13 @@ class Listener:
 
     async def _dispatch(self, data: object) -> None:
         """{"tenant", "name"}: a prefix changed; {"tenant", "revoked": [hash, ...]}: keys that
-        stopped working."""
+        stopped working; {"tenant", "quota": true}: the tenant's quota changed."""
         try:
             change = json.loads(data)  # type: ignore[arg-type]  # bytes from Redis; else refused
             tenant = str(change["tenant"])
             revoked = [str(h) for h in change.get("revoked") or ()]
             name = None if change.get("name") is None else str(change["name"])
+            quota = change.get("quota") is True
         except (TypeError, ValueError, KeyError, AttributeError):
             log.warning("ignoring a malformed registry change message: %r", data)
             return
@@ -99,3 +100,5 @@ class Listener:
             await self._notifier.revoked(revoked)
         if name is not None:
             await self._notifier.changed(tenant, name)
+        if quota:
+            await self._notifier.quota_changed(tenant)

@@ -46,6 +46,7 @@ from prefix_registry.store import (
     MetaList,
     Notifier,
     Page,
+    QuotaCallback,
     ResetCallback,
     RevokedCallback,
     Subscription,
@@ -261,9 +262,9 @@ class RedisStore(RedisTenants):
 
     async def subscribe(
         self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None,
-        on_revoked: RevokedCallback | None = None,
+        on_revoked: RevokedCallback | None = None, on_quota: QuotaCallback | None = None,
     ) -> Subscription:
-        subscription = self._notifier.add(callback, on_reset, on_revoked)
+        subscription = self._notifier.add(callback, on_reset, on_revoked, on_quota)
         if self._listener is None:
             client = connect(self._target, self._options, retries=0)
             self._listener = Listener(client, self.keys.channel, self._notifier)

@@ -157,7 +157,7 @@ class RedisTenants:
         self, tenant: str, changes: Mapping[str, QuotaValue | None]
     ) -> TenantQuota:
         checked = check_quota_changes(changes)
-        args: list[str] = [tenant]
+        args: list[str] = [tenant, self.keys.channel]
         for field, value in checked.items():
             args += [field, "" if value is None else json.dumps(value)]
         keys = [self.keys.tenants, self.keys.quota(tenant)]

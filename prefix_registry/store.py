@@ -30,6 +30,7 @@ MAX_PAGE_SIZE = 1000
 InvalidationCallback = Callable[[str, str], object]  # (tenant, name); may return an awaitable
 ResetCallback = Callable[[], object]  # may return an awaitable
 RevokedCallback = Callable[[list[str]], object]  # key hashes; may return an awaitable
+QuotaCallback = Callable[[str], object]  # tenant whose quota changed; may return an awaitable
 MetaList = list[PrefixMeta]  # aliases: inside the store classes `list` is a method
 
 
@@ -72,6 +73,7 @@ class _Sub:
     changed: InvalidationCallback
     reset: ResetCallback | None
     revoked: RevokedCallback | None
+    quota: QuotaCallback | None = None
 
 
 class Subscription:
@@ -94,10 +96,10 @@ class Notifier:
 
     def add(
         self, callback: InvalidationCallback, on_reset: ResetCallback | None,
-        on_revoked: RevokedCallback | None = None,
+        on_revoked: RevokedCallback | None = None, on_quota: QuotaCallback | None = None,
     ) -> Subscription:
         sub_id = next(self._ids)
-        self._subs[sub_id] = _Sub(callback, on_reset, on_revoked)
+        self._subs[sub_id] = _Sub(callback, on_reset, on_revoked, on_quota)
         return Subscription(self, sub_id)
 
     def remove(self, sub_id: int) -> None:
@@ -111,6 +113,11 @@ class Notifier:
         for sub in list(self._subs.values()):
             if sub.revoked is not None and key_hashes:
                 await _call(sub.revoked, list(key_hashes))
+
+    async def quota_changed(self, tenant: str) -> None:
+        for sub in list(self._subs.values()):
+            if sub.quota is not None:
+                await _call(sub.quota, tenant)
 
     async def reset(self) -> None:
         for sub in list(self._subs.values()):
@@ -171,10 +178,11 @@ class PrefixStore(Protocol):
 
     async def subscribe(
         self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None,
-        on_revoked: RevokedCallback | None = None,
+        on_revoked: RevokedCallback | None = None, on_quota: QuotaCallback | None = None,
     ) -> Subscription:
         """Call `callback(tenant, name)` after every change by any process sharing the store,
-        and `on_revoked(key_hashes)` when keys stop working."""
+        `on_revoked(key_hashes)` when keys stop working and `on_quota(tenant)` when a tenant's
+        quota changed."""
         ...
 
     async def create_tenant(self, name: str) -> TenantInfo:

@@ -89,12 +89,18 @@ async def start_services(
     backend = LocalBackend(engine) if isinstance(engine, Engine) else engine
     backend.start()
     keys = KeyCache(store.tenant_for_key_hash, ttl_s=settings.auth_cache_ttl_s)
-    await store.subscribe(_no_op, on_reset=keys.expire_all, on_revoked=keys.revoke)
+    quotas = QuotaCache(store, Quota.defaults(settings), settings.tenant_quota_ttl_s)
+
+    def reset() -> None:  # announcements may have been missed: read everything again
+        keys.expire_all()
+        quotas.expire_all()
+
+    await store.subscribe(_no_op, on_reset=reset, on_revoked=keys.revoke,
+                          on_quota=quotas.expire)
     auth = Authenticator(
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
         disabled=settings.auth_disabled, lookup=keys.tenant_for,
     )
-    quotas = QuotaCache(store, Quota.defaults(settings), settings.tenant_quota_ttl_s)
     metrics.watch_engine(backend.stats, known=quotas.__contains__)
     prompts = PromptEncoder(loaded.tokenizer, settings.max_seq_len or loaded.max_context)
     services = Services(settings, loaded, backend, store, resolver, auth, metrics,

@@ -3,12 +3,14 @@ cached in memory so that a request needs no registry round trip.
 
 A tenant's quota is read from the registry at most once per `--tenant-quota-ttl-s`, shared by the
 requests that ask meanwhile; a change made through this server applies at once, one made through
-another server within the TTL. While the registry is unreachable the last known quota is used.
+another server as soon as the registry's announcement arrives (pub/sub), and within the TTL if it
+never does. While the registry is unreachable the last known quota is used.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -68,6 +70,7 @@ class QuotaCache:
         self._ttl_s = ttl_s
         self._clock = clock
         self._entries: dict[str, tuple[float, Quota]] = {}  # tenant -> (read at, quota)
+        self._generation = 0  # bumped by every expiry: a read in flight may predate it
         self._reads: dict[str, asyncio.Future[Quota]] = {}  # reads in flight, shared
 
     async def get(self, tenant: str) -> Quota:
@@ -90,8 +93,21 @@ class QuotaCache:
         return quota
 
     def invalidate(self, tenant: str) -> None:
-        """Read `tenant`'s quota again on its next request."""
+        """Forget `tenant` (deleted)."""
+        self._generation += 1
         self._entries.pop(tenant, None)
+
+    def expire(self, tenant: str) -> None:
+        """Read `tenant`'s quota again on its next request (it changed elsewhere); until then,
+        and while the registry is down, the last one is kept."""
+        self._generation += 1
+        if tenant in self._entries:
+            self._entries[tenant] = (-math.inf, self._entries[tenant][1])
+
+    def expire_all(self) -> None:
+        """Read every quota again (changes may have been missed)."""
+        for tenant in list(self._entries):
+            self.expire(tenant)
 
     def __contains__(self, tenant: object) -> bool:
         """Whether `tenant` was read (and existed) since the server started."""
@@ -111,9 +127,13 @@ class QuotaCache:
             read.exception()  # marks it retrieved: the callers that awaited it may be gone
 
     async def _fetch(self, tenant: str) -> Quota:
+        generation = self._generation
         try:
             overrides = await self._store.get_quota(tenant)
         except TenantNotFoundError:
             self._entries.pop(tenant, None)
             raise
-        return self.remember(tenant, overrides)
+        quota = self.remember(tenant, overrides)
+        if generation != self._generation:  # a change announced meanwhile may not be in it
+            self._entries[tenant] = (-math.inf, quota)
+        return quota

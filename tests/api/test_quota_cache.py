@@ -68,6 +68,31 @@ async def test_a_quota_is_read_once_per_ttl_and_shared(tmp_path: Path) -> None:
     assert "ghost" not in cache
 
 
+async def test_an_announced_change_is_read_again_and_a_racing_read_is_not_trusted(
+    tmp_path: Path
+) -> None:
+    store = LocalStore(tmp_path)
+    await store.create_tenant("acme")
+    clock, reads = Clock(), counting(store)
+    cache = QuotaCache(store, Quota(), ttl_s=3600.0, clock=clock)
+    await store.subscribe(lambda t, n: None, on_quota=cache.expire)
+    assert (await cache.get("acme")).weight == 1.0
+    await store.update_quota("acme", {"weight": 2})  # announced: expired, still a known tenant
+    assert "acme" in cache
+    assert (await cache.get("acme")).weight == 2.0 and len(reads) == 2
+    # A read in flight when a change is announced may have missed it: used once, then read again.
+    cache.expire("acme")
+    racing = asyncio.ensure_future(cache.get("acme"))
+    await asyncio.sleep(0.001)
+    assert len(reads) == 3  # in flight
+    cache.expire("acme")  # announced meanwhile
+    assert (await racing).weight == 2.0
+    await cache.get("acme")
+    assert len(reads) == 4
+    await cache.get("acme")
+    assert len(reads) == 4  # that one is trusted
+
+
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     if shutil.which("redis-server") is None:

@@ -144,6 +144,27 @@ async def test_a_change_made_elsewhere_applies_within_the_ttl(
         assert [s.tenant.weight for s in seen] == [1.0, 4.0]
 
 
+async def test_a_change_made_elsewhere_is_announced_to_this_server_at_once(
+    make_settings: SettingsFactory, loaded: LoadedModel, namespace: str
+) -> None:
+    async with serve(make_settings(tenant_quota_ttl_s=3600), loaded) as served:
+        key = await create_tenant(served.client, "acme")
+        seen = spy_submits(served)
+        body = {"prompt": "hello world", "max_new_tokens": 1}
+        await served.client.post("/generate", headers=auth(key), json=body)
+        other = RedisStore(REDIS_URL, namespace=namespace)  # another server's registry client
+        try:
+            await other.update_quota("acme", {"weight": 4})
+        finally:
+            await other.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0  # the TTL is an hour: only the announcement can do it
+        while seen[-1].tenant.weight != 4.0:
+            assert loop.time() < deadline, "the quota change was not announced within 1 s"
+            await served.client.post("/generate", headers=auth(key), json=body)
+        assert seen[0].tenant.weight == 1.0
+
+
 # --- tokens per minute --------------------------------------------------------------------------
 
 

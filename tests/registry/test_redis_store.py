@@ -17,7 +17,7 @@ import safetensors
 
 from prefix_registry.artifact import PrefixArtifact
 from prefix_registry.cache import CachedStore
-from prefix_registry.errors import RegistryUnavailableError
+from prefix_registry.errors import RegistryUnavailableError, TenantNotFoundError
 from prefix_registry.redis_store import RedisOptions, RedisStore
 from tests.registry.conftest import MakeArtifact, closed_port
 from tests.registry.test_store_contract import _until
@@ -42,6 +42,20 @@ async def test_update_on_one_process_reaches_the_other_within_1s(
     heard.clear()
     await other_store.delete("acme", "style")
     await _until(lambda: ("acme", "style") in heard, timeout=1.0)
+
+
+async def test_a_quota_change_on_one_process_is_announced_to_the_other(
+    redis_store: RedisStore, other_store: RedisStore
+) -> None:
+    heard: list[str] = []
+    await redis_store.subscribe(lambda t, n: None, on_quota=heard.append)
+    await other_store.create_tenant("acme")
+    await other_store.update_quota("acme", {"weight": 2})
+    await _until(lambda: heard == ["acme"], timeout=1.0)
+    with pytest.raises(TenantNotFoundError):
+        await other_store.update_quota("ghost", {"weight": 2})
+    await asyncio.sleep(0.2)
+    assert heard == ["acme"]  # nothing changed, nothing announced
 
 
 async def test_cached_store_drops_a_stale_prefix_updated_elsewhere(

@@ -219,10 +219,13 @@ async def test_api_keys(store: PrefixStore) -> None:
 async def test_subscribers_hear_changes(store: PrefixStore, make_artifact: MakeArtifact) -> None:
     await _tenant(store)
     heard: list[tuple[str, str]] = []
-    subscription = await store.subscribe(lambda t, n: heard.append((t, n)))
+    quotas: list[str] = []
+    subscription = await store.subscribe(lambda t, n: heard.append((t, n)),
+                                         on_quota=quotas.append)
     await store.put(make_artifact())
     await store.delete("acme", "style")
-    await _until(lambda: heard.count(("acme", "style")) >= 2)
+    await store.update_quota("acme", {"max_running": 3})
+    await _until(lambda: heard.count(("acme", "style")) >= 2 and quotas == ["acme"])
     subscription.close()
     count = len(heard)
     await store.put(make_artifact())
