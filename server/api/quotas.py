@@ -106,8 +106,9 @@ class QuotaCache:
 
     def expire_all(self) -> None:
         """Read every quota again (changes may have been missed)."""
-        for tenant in list(self._entries):
-            self.expire(tenant)
+        self._generation += 1
+        self._entries = {tenant: (-math.inf, quota) for tenant, (_, quota) in
+                         self._entries.items()}
 
     def __contains__(self, tenant: object) -> bool:
         """Whether `tenant` was read (and existed) since the server started."""
@@ -133,7 +134,8 @@ class QuotaCache:
         except TenantNotFoundError:
             self._entries.pop(tenant, None)
             raise
-        quota = self.remember(tenant, overrides)
-        if generation != self._generation:  # a change announced meanwhile may not be in it
-            self._entries[tenant] = (-math.inf, quota)
+        quota = self.defaults.over(overrides)
+        # A change announced while this read was in flight may not be in it: use it, read again.
+        fresh = generation == self._generation
+        self._entries[tenant] = (self._clock() if fresh else -math.inf, quota)
         return quota

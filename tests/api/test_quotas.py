@@ -4,6 +4,7 @@ minute, storage quotas at upload, the per-tenant queue cap, per-tenant metrics."
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -126,21 +127,34 @@ async def test_requests_carry_the_tenant_share_without_a_registry_read_each(
     assert reads == []  # the PATCH through this server already told the cache
 
 
+async def _weight_changed_elsewhere(
+    served: Served, namespace: str
+) -> tuple[Callable[[], Awaitable[object]], list[EngineRequest]]:
+    """Tenant acme generates once, then another server's registry client sets its weight to 4.
+    Returns a call that generates again, and the requests the engine was given."""
+    key = await create_tenant(served.client, "acme")
+    seen = spy_submits(served)
+    body = {"prompt": "hello world", "max_new_tokens": 1}
+
+    def generate() -> Awaitable[object]:
+        return served.client.post("/generate", headers=auth(key), json=body)
+
+    await generate()
+    other = RedisStore(REDIS_URL, namespace=namespace)
+    try:
+        await other.update_quota("acme", {"weight": 4})
+    finally:
+        await other.close()
+    return generate, seen
+
+
 async def test_a_change_made_elsewhere_applies_within_the_ttl(
     make_settings: SettingsFactory, loaded: LoadedModel, namespace: str
 ) -> None:
     async with serve(make_settings(tenant_quota_ttl_s=0.2), loaded) as served:
-        key = await create_tenant(served.client, "acme")
-        seen = spy_submits(served)
-        body = {"prompt": "hello world", "max_new_tokens": 1}
-        await served.client.post("/generate", headers=auth(key), json=body)
-        other = RedisStore(REDIS_URL, namespace=namespace)  # another server's registry client
-        try:
-            await other.update_quota("acme", {"weight": 4})
-        finally:
-            await other.close()
+        generate, seen = await _weight_changed_elsewhere(served, namespace)
         await asyncio.sleep(0.3)
-        await served.client.post("/generate", headers=auth(key), json=body)
+        await generate()
         assert [s.tenant.weight for s in seen] == [1.0, 4.0]
 
 
@@ -148,20 +162,12 @@ async def test_a_change_made_elsewhere_is_announced_to_this_server_at_once(
     make_settings: SettingsFactory, loaded: LoadedModel, namespace: str
 ) -> None:
     async with serve(make_settings(tenant_quota_ttl_s=3600), loaded) as served:
-        key = await create_tenant(served.client, "acme")
-        seen = spy_submits(served)
-        body = {"prompt": "hello world", "max_new_tokens": 1}
-        await served.client.post("/generate", headers=auth(key), json=body)
-        other = RedisStore(REDIS_URL, namespace=namespace)  # another server's registry client
-        try:
-            await other.update_quota("acme", {"weight": 4})
-        finally:
-            await other.close()
+        generate, seen = await _weight_changed_elsewhere(served, namespace)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 1.0  # the TTL is an hour: only the announcement can do it
         while seen[-1].tenant.weight != 4.0:
             assert loop.time() < deadline, "the quota change was not announced within 1 s"
-            await served.client.post("/generate", headers=auth(key), json=body)
+            await generate()
         assert seen[0].tenant.weight == 1.0
 
 
