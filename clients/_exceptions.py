@@ -17,8 +17,11 @@ PrefixServeError                      every failure of a call to the server
     │                                      (+ retry_after, seconds)
     ├── InternalServerError           500  (and any other 5xx without a class of its own)
     └── ServiceUnavailableError       503  unavailable, shutting_down, registry_unavailable,
-                                           engine_dead
+                                           engine_dead, replica_unavailable
 ```
+
+Statuses without a class of their own (405 method_not_allowed, 408 request_timeout, 415
+unsupported_media_type, 418, ...) raise `APIStatusError` itself.
 
 A local input the SDK cannot send (an upload source that is no prefix file, adapter directory or
 tensor dict) raises `clients.UploadSourceError`, a `ValueError`, before any request is made.
@@ -174,8 +177,9 @@ _STATUS_BY_TYPE: dict[str, int] = {
     "permission_denied": 403, "not_found": 404, "conflict": 409, "payload_too_large": 413,
     "validation_error": 422, "incompatible_prefix": 422, "overloaded": 429,
     "tenant_queue_full": 429, "rate_limited": 429, "quota_exceeded": 403,
+    "method_not_allowed": 405, "request_timeout": 408, "unsupported_media_type": 415,
     "internal_error": 500, "unavailable": 503, "shutting_down": 503,
-    "registry_unavailable": 503, "engine_dead": 503,
+    "registry_unavailable": 503, "engine_dead": 503, "replica_unavailable": 503,
 }
 
 

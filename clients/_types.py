@@ -151,7 +151,7 @@ class TenantQuota(_Model):
 
     name: str
     quota: QuotaValues
-    overrides: dict[str, float] = {}
+    overrides: dict[str, int | float] = {}  # ints stay ints: 3 running, not 3.0
     usage: StorageUsage | None = None
 
 

@@ -17,10 +17,11 @@ import httpx
 import openai.types
 import openai.types.chat
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from clients import _types as sdk
 from clients._exceptions import APIStatusError, make_status_error
+from prefix_registry.fingerprint import ModelFingerprint
 from server.api.schemas import DeltaOut, GenerateDone
 from server.app import create_app
 from server.settings import Settings
@@ -169,3 +170,136 @@ def test_the_check_can_fail() -> None:
     del data["usage"]
     with pytest.raises(ValueError):  # pydantic's ValidationError is a ValueError
         READERS["GenerateResponse"](data)
+
+
+# --- every SDK field, nested ones too, is in the server's schema with a compatible type --------
+# SDK model -> the server's schema it reads.
+SDK_ROOTS: dict[type[BaseModel], str] = {
+    sdk.Generation: "GenerateResponse",
+    sdk.PrefixInfo: "PrefixInfo",
+    sdk.PrefixDetail: "PrefixDetail",
+    sdk.PrefixPage: "PrefixPage",
+    sdk.ApiKey: "IssuedKey",
+    sdk.Tenant: "TenantInfo",
+    sdk.TenantDeletion: "TenantDeleted",
+    sdk.TenantQuota: "TenantQuotaOut",
+    sdk.Health: "HealthOut",
+    sdk.Readiness: "ReadyOut",
+}
+# Fields the wire schema leaves open (`dict[str, Any]`), with the server type that fills them.
+OPEN_FIELDS: dict[str, dict[str, Any]] = {
+    "model": TypeAdapter(ModelFingerprint).json_schema(),  # PrefixInfo.model
+}
+Schema = dict[str, Any]
+Lookup = Callable[[str], Schema]
+
+
+def _branches(schema: Schema, lookup: Lookup) -> list[Schema]:
+    """The alternatives a schema allows, references resolved, unions flattened."""
+    if "$ref" in schema:
+        return _branches(lookup(schema["$ref"]), lookup)
+    options = schema.get("anyOf") or schema.get("oneOf")
+    if options:
+        return [b for option in options for b in _branches(option, lookup)]
+    return [schema]
+
+
+def _kind(branch: Schema) -> str:
+    """A branch's JSON kind: object, array, string, integer, number, boolean, null, or any."""
+    if "const" in branch or "enum" in branch:
+        values = [branch["const"]] if "const" in branch else branch["enum"]
+        kinds = {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}
+        return kinds.get(type(values[0]).__name__, "any")
+    if "properties" in branch:
+        return "object"
+    kind = branch.get("type", "any")
+    return kind if isinstance(kind, str) else "any"
+
+
+def compatible(client: Schema, server: Schema, where: str, lookups: tuple[Lookup, Lookup],
+               ) -> list[str]:
+    """Why `client` cannot read every value `server` allows (empty: it can), field by field.
+
+    Kinds are matched exactly (an integer must be read as an integer: 3, not 3.0); an object
+    recurses into every field the client names, each of which the server must have."""
+    client_lookup, server_lookup = lookups
+    readers = {_kind(b): b for b in _branches(client, client_lookup)}
+    if "any" in readers:
+        return []
+    problems = []
+    for branch in _branches(server, server_lookup):
+        kind = _kind(branch)
+        if kind not in readers:
+            problems.append(f"{where}: the server sends {kind}, the SDK reads {sorted(readers)}")
+        elif kind == "object":
+            problems += _object_compatible(readers[kind], branch, where, lookups)
+        elif kind == "array":
+            problems += compatible(readers[kind].get("items", {}), branch.get("items", {}),
+                                   f"{where}[]", lookups)
+    return problems
+
+
+def _object_compatible(client: Schema, server: Schema, where: str,
+                       lookups: tuple[Lookup, Lookup]) -> list[str]:
+    fields = server.get("properties", {})
+    problems = []
+    for name, field in client.get("properties", {}).items():
+        open_type = OPEN_FIELDS.get(name)
+        if name in fields and open_type is not None and "properties" not in fields[name]:
+            field_lookups = (lookups[0], _lookup_in(open_type.get("$defs", {})))
+            problems += compatible(field, open_type, f"{where}.{name}", field_lookups)
+        elif name not in fields:
+            problems.append(f"{where}.{name}: no such field in the server's schema")
+        else:
+            if name in client.get("required", []) and name not in server.get("required", []):
+                problems.append(f"{where}.{name}: the SDK requires it, the server may omit it")
+            problems += compatible(field, fields[name], f"{where}.{name}", lookups)
+    client_values, server_values = (s.get("additionalProperties") for s in (client, server))
+    if isinstance(client_values, dict) and isinstance(server_values, dict):
+        problems += compatible(client_values, server_values, f"{where}{{}}", lookups)
+    return problems
+
+
+def _lookup_in(table: dict[str, Schema]) -> Lookup:
+    return lambda ref: table[ref.rsplit("/", 1)[1]]
+
+
+def sdk_problems(model: type[BaseModel], server_name: str) -> list[str]:
+    client = model.model_json_schema(mode="validation")
+    lookups = (_lookup_in(client.get("$defs", {})), _definition)
+    return compatible(client, COMPONENTS[server_name], model.__name__, lookups)
+
+
+@pytest.mark.parametrize("model", list(SDK_ROOTS), ids=lambda m: m.__name__)
+def test_every_sdk_field_is_in_the_server_schema(model: type[BaseModel]) -> None:
+    problems = sdk_problems(model, SDK_ROOTS[model])
+    assert not problems, "\n".join(problems)
+
+
+def test_every_sdk_model_is_checked() -> None:
+    """A new SDK model must be reachable from a checked root, or be a root itself."""
+    reached = {m.__name__ for m in SDK_ROOTS}
+    for model in SDK_ROOTS:
+        reached |= set(model.model_json_schema().get("$defs", {}))
+    models = {name for name, value in vars(sdk).items() if isinstance(value, type)
+              and issubclass(value, sdk._Model) and value is not sdk._Model}
+    assert models <= reached, f"SDK models no contract covers: {sorted(models - reached)}"
+
+
+def test_a_misspelt_nested_field_is_caught() -> None:
+    class Timings(sdk._Model):
+        ttft_sec: float | None = None  # the server calls it ttft_s
+
+    class Generation(sdk.Generation):
+        timings: Timings | None = None  # type: ignore[assignment]
+
+    class Usage(sdk._Model):
+        prompt_tokens: float  # the server sends an integer
+
+    class Deep(sdk.Generation):
+        usage: Usage  # type: ignore[assignment]
+
+    assert sdk_problems(Generation, "GenerateResponse") == [
+        "Generation.timings.ttft_sec: no such field in the server's schema"]
+    assert sdk_problems(Deep, "GenerateResponse") == [
+        "Deep.usage.prompt_tokens: the server sends integer, the SDK reads ['number']"]

@@ -25,6 +25,8 @@ def test_show_and_set_quotas(start_server: ServerFactory, loaded: LoadedModel) -
         assert quota.usage == clients.StorageUsage(prefixes=0, stored_bytes=0)
         changed = admin.set_quota("acme", weight=2, max_running=3, tokens_per_minute=10**6)
         assert changed.overrides == {"weight": 2.0, "max_running": 3, "tokens_per_minute": 10**6}
+        assert [type(changed.overrides[f]) for f in ("max_running", "tokens_per_minute")] == \
+            [int, int]  # shown as 3, not 3.0
         assert changed.quota.weight == 2.0 and changed.quota.max_prefixes == 10
         cleared = admin.set_quota("acme", max_running=None)  # back to the default
         assert "max_running" not in cleared.overrides and cleared.quota.max_running is None
@@ -86,6 +88,7 @@ def test_prefixctl_tenant_quota(ctl: Ctl) -> None:  # noqa: F811 - the fixture
     code, out, _ = ctl("tenant", "quota", "set", "acme", "--max-queued", "default", "--json")
     body = json.loads(out)
     assert code == EXIT_OK and body["overrides"] == {"weight": 2.0, "max_stored_bytes": 2**26}
+    assert f'"max_stored_bytes": {2**26},' in out or f'"max_stored_bytes": {2**26}\n' in out
     code, out, _ = ctl("tenant", "quota", "show", "acme", "--json")
     assert json.loads(out)["quota"]["max_queued"] is None
     assert ctl("tenant", "quota", "set", "acme")[0] == EXIT_USAGE  # nothing to set
