@@ -94,22 +94,34 @@ async def test_operator_acts_for_a_named_tenant(server: Served, loaded: LoadedMo
 
 
 async def test_tenant_isolation(server: Served, loaded: LoadedModel) -> None:
-    """Another tenant's prefix answers exactly like a missing one, everywhere."""
+    """Another tenant's prefix answers exactly like a missing one, everywhere, even when the
+    server has it warm in its resolver cache."""
     c = server.client
     a, b = await create_tenant(c, "alpha"), await create_tenant(c, "beta")
     before = await c.post("/generate", headers=auth(b),
                           json={"prompt": "hi", "prefix_id": "secret"})
     await upload(c, a, "secret", {"p.safetensors": safetensors_file(prefix_tensors(loaded))})
+    warm = await c.post("/generate", headers=auth(a),  # alpha's "secret" is now cached
+                        json={"prompt": "hi", "prefix_id": "secret", "max_new_tokens": 1})
+    assert warm.status_code == 200, warm.text
     after = await c.post("/generate", headers=auth(b), json={"prompt": "hi", "prefix_id": "secret"})
     assert after.status_code == before.status_code == 404
     assert after.json() == before.json()
+    for key, length in ((a, 3), (b, 5)):  # one name, two tenants: each gets its own, warm or not
+        tensors = prefix_tensors(loaded, prefix_len=length)
+        await upload(c, key, "shared", {"p.safetensors": safetensors_file(tensors)})
+    for key, length in ((a, 3), (b, 5), (a, 3), (b, 5)):
+        used = await c.post("/generate", headers=auth(key),
+                            json={"prompt": "hi", "prefix_id": "shared", "max_new_tokens": 1})
+        assert used.json()["usage"]["prefix_tokens"] == length, used.text
     shown = await c.get("/admin/prefixes/secret", headers=auth(b))
     missing = await c.get("/admin/prefixes/secret", headers=auth(await create_tenant(c, "gamma")))
     assert shown.status_code == 404 and shown.json() == missing.json()
     assert (await c.delete("/admin/prefixes/secret", headers=auth(b))).status_code == 404
-    assert (await c.get("/admin/prefixes", headers=auth(b))).json()["items"] == []
+    assert [p["name"] for p in (await c.get("/admin/prefixes", headers=auth(b))).json()["items"]
+            ] == ["shared"]
     models = (await c.get("/v1/models", headers=auth(b))).json()["data"]
-    assert "secret" not in [m["id"] for m in models]
+    assert "secret" not in [m["id"] for m in models] and "shared" in [m["id"] for m in models]
     assert (await c.get("/admin/prefixes/secret", headers=auth(a))).status_code == 200
     other = await c.get("/admin/prefixes?tenant=alpha", headers=auth(b))
     assert other.status_code == 403 and other.json()["error"]["type"] == "permission_denied"
