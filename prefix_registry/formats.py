@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from prefix_registry import safe_json
-from prefix_registry.archives import extract, is_archive
+from prefix_registry.archives import check_zip_entries, extract, is_archive
 from prefix_registry.artifact import META_KEY, PrefixArtifact, load_tensors, read_header
 from prefix_registry.errors import (
     FingerprintMismatchError,
@@ -133,6 +133,7 @@ def _unpack(files: Mapping[str, bytes], limits: Limits) -> dict[str, bytes]:
             f"upload is {total} bytes, over the limit of {limits.max_upload_bytes} bytes"
         )
     for name, data in files.items():
+        check_zip_entries(name, data, limits)  # before anything parses a zip's directory
         check_safe_file(name, data)
     archives = [name for name, data in files.items() if is_archive(data)]
     if not archives:
