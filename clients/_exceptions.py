@@ -16,6 +16,7 @@ PrefixServeError                      every failure of a call to the server
     ├── RateLimitError                429  overloaded, tenant_queue_full, rate_limited
     │                                      (+ retry_after, seconds)
     ├── InternalServerError           500  (and any other 5xx without a class of its own)
+    │   └── CorruptRecordError        500  corrupt_record (a stored record failed its checks)
     └── ServiceUnavailableError       503  unavailable, shutting_down, registry_unavailable,
                                            engine_dead, replica_unavailable
 ```
@@ -45,6 +46,7 @@ __all__ = [
     "AuthenticationError",
     "BadRequestError",
     "ConflictError",
+    "CorruptRecordError",
     "InternalServerError",
     "NotFoundError",
     "PayloadTooLargeError",
@@ -155,6 +157,11 @@ class InternalServerError(APIStatusError):
     status_code = 500
 
 
+class CorruptRecordError(InternalServerError):
+    """A record the server read back from its registry is inconsistent: the server's data, not
+    the request, is at fault; retrying does not help until an operator fixes the record."""
+
+
 class ServiceUnavailableError(APIStatusError):
     status_code = 503
 
@@ -169,7 +176,9 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
 }
 
 # Types with a class of their own (a subclass of their status's class).
-_BY_TYPE: dict[str, type[APIStatusError]] = {"quota_exceeded": QuotaExceededError}
+_BY_TYPE: dict[str, type[APIStatusError]] = {
+    "quota_exceeded": QuotaExceededError, "corrupt_record": CorruptRecordError,
+}
 
 # For errors that arrive without a meaningful HTTP status (an SSE `error` event after a 200).
 _STATUS_BY_TYPE: dict[str, int] = {
@@ -178,7 +187,7 @@ _STATUS_BY_TYPE: dict[str, int] = {
     "validation_error": 422, "incompatible_prefix": 422, "overloaded": 429,
     "tenant_queue_full": 429, "rate_limited": 429, "quota_exceeded": 403,
     "method_not_allowed": 405, "request_timeout": 408, "unsupported_media_type": 415,
-    "internal_error": 500, "unavailable": 503, "shutting_down": 503,
+    "internal_error": 500, "corrupt_record": 500, "unavailable": 503, "shutting_down": 503,
     "registry_unavailable": 503, "engine_dead": 503, "replica_unavailable": 503,
 }
 

@@ -57,6 +57,15 @@ class PrefixMeta:
         """The fixed reference `name@version`."""
         return f"{self.name}@{self.version}"
 
+    @property
+    def upload_digest(self) -> str:
+        """sha256 of what an upload says (tensors, model, description, training), not of what
+        the store assigns (version, time): two uploads with one digest are one upload, so a
+        retried one answers with the version the first made (docs/registry.md, idempotency)."""
+        said = {"sha256": self.sha256, "model": self.model.to_dict(),
+                "description": self.description, "training": self.training}
+        return hashlib.sha256(json.dumps(said, sort_keys=True).encode()).hexdigest()
+
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["model"] = self.model.to_dict()
@@ -127,7 +136,7 @@ class PrefixArtifact:
         validate_name(name)
         validate_name(tenant, "tenant name")
         form, prefix_len, dtype = validate_tensors(tensors, model, limits or Limits())
-        training = _check_extras(str(description), training or {})
+        training = check_extras(str(description), training or {})
         meta = PrefixMeta(
             name=name, tenant=tenant, form=form, prefix_len=prefix_len, model=model, dtype=dtype,
             sha256=content_hash(tensors), size_bytes=_size(tensors),
@@ -150,7 +159,7 @@ class PrefixArtifact:
                 )
         if content_hash(self.tensors) != self.meta.sha256:
             raise InvalidPrefixError("the sha256 in the metadata does not match the tensors")
-        _check_extras(self.meta.description, self.meta.training)
+        check_extras(self.meta.description, self.meta.training)
 
     def stored_as(self, version: int, created_at: float) -> PrefixArtifact:
         """A copy carrying the version and creation time the store assigned."""
@@ -199,7 +208,7 @@ def load_tensors(data: bytes) -> dict[str, torch.Tensor]:
         raise InvalidPrefixError(f"invalid safetensors file: {e}") from e
 
 
-def _check_extras(description: str, training: dict[str, Any]) -> dict[str, Any]:
+def check_extras(description: str, training: dict[str, Any]) -> dict[str, Any]:
     """The free-form fields: bounded in size, and `training` must be plain JSON."""
     if len(description) > MAX_DESCRIPTION_CHARS:
         raise InvalidPrefixError(

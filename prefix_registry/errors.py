@@ -13,6 +13,7 @@ RegistryError
 ├── PrefixTooLargeError           over a size limit
 ├── QuotaExceededError            the tenant's storage quota would be exceeded
 ├── ConflictError                 already exists
+├── CorruptRecordError            a stored record failed its checks when read (the server's data)
 └── RegistryUnavailableError      the backend (Redis) is down or timing out
 ```
 """
@@ -79,6 +80,16 @@ class PrefixTooLargeError(RegistryError):
 
 class ConflictError(RegistryError):
     """The thing to create already exists."""
+
+
+class CorruptRecordError(RegistryError):
+    """A record read back from the store is inconsistent (not JSON, a truncated blob, a prefix
+    length below 1, tensors that disagree with their metadata...). It is the server's data, not
+    the caller's input, so it is never an InvalidPrefixError; `key` names the record."""
+
+    def __init__(self, message: str, key: str = "") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 class RegistryUnavailableError(RegistryError):

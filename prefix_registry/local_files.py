@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import logging
 import os
 import re
 import shutil
@@ -32,10 +31,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from prefix_registry.artifact import META_KEY, PrefixMeta, read_header
+from prefix_registry import safe_json
+from prefix_registry.artifact import MAX_HEADER_BYTES, META_KEY, PrefixMeta, read_header
+from prefix_registry.errors import CorruptRecordError, InvalidPrefixError
 from prefix_registry.quotas import TenantUsage
+from prefix_registry.records import corrupt, json_record, name_field
 
 VERSION_FILE = re.compile(r"^([1-9][0-9]*)\.safetensors$")
+KEY_HASH_FILE = re.compile(r"^[0-9a-f]{32,128}$")
 TMP_FILE = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")
 ORPHAN_MIN_AGE_S = 2.0  # a temporary file younger than this may be between create and lock
 
@@ -98,7 +101,11 @@ def _orphaned(path: Path, now: float) -> bool:
         return False
 
 
-log = logging.getLogger(__name__)
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
 
 
 def _read_json(path: Path) -> Any | None:
@@ -128,14 +135,26 @@ class LocalFiles:
 
     def allocate_version(self, tenant: str, name: str) -> int:
         """The next version number of `name`, under a file lock shared by every process."""
+        with self.name_lock(tenant, name):
+            return self.next_version(tenant, name)
+
+    @contextmanager
+    def name_lock(self, tenant: str, name: str) -> Iterator[None]:
+        """Held by every process while it allocates a version of `name` (and writes it)."""
         directory = self._prefixes(tenant) / name
         directory.mkdir(parents=True, exist_ok=True)
         with open(directory / "seq.lock", "a+b") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-            seq = directory / "seq"
-            last = int(seq.read_text()) if seq.exists() else 0
-            write_atomic(seq, str(last + 1).encode())
-            return last + 1
+            yield
+
+    def next_version(self, tenant: str, name: str) -> int:
+        """Allocate the next version number (the caller holds `name_lock`)."""
+        seq = self._prefixes(tenant) / name / "seq"
+        text = seq.read_bytes() if seq.exists() else b"0"
+        if not text.strip().isdigit():  # guessing would risk reusing a version number
+            raise corrupt(str(seq), "the version counter is not a number")
+        write_atomic(seq, str(int(text) + 1).encode())
+        return int(text) + 1
 
     def write_version(self, tenant: str, name: str, version: int, blob: bytes) -> None:
         write_atomic(self._version_path(tenant, name, version), blob)
@@ -146,15 +165,32 @@ class LocalFiles:
         except FileNotFoundError:
             return None
 
+    def version_key(self, tenant: str, name: str, version: int) -> str:
+        """How a version file is named in logs and errors."""
+        return str(self._version_path(tenant, name, version))
+
     def read_meta(self, tenant: str, name: str, version: int) -> PrefixMeta | None:
-        """The metadata from the file's safetensors header, without reading the tensors."""
+        """The metadata from the file's safetensors header, without reading the tensors
+        (CorruptRecordError when it can't be parsed; LocalStore checks its fields)."""
+        path = self._version_path(tenant, name, version)
         try:
-            with open(self._version_path(tenant, name, version), "rb") as f:
+            with open(path, "rb") as f:
                 head = f.read(8)
-                data = head + f.read(int.from_bytes(head, "little"))
+                data = head + f.read(min(int.from_bytes(head, "little"), MAX_HEADER_BYTES))
         except FileNotFoundError:
             return None
-        return PrefixMeta.from_dict(json.loads(read_header(data)[1][META_KEY]))
+        try:
+            found = read_header(data)[1].get(META_KEY)
+            return PrefixMeta.from_dict(safe_json.loads_object(found or "", "the metadata"))
+        except InvalidPrefixError as e:
+            raise corrupt(str(path), e.message) from e
+
+    def stored_size(self, tenant: str, name: str, version: int) -> int:
+        """A version's bytes on disk (what a corrupt version is counted as in usage)."""
+        try:
+            return self._version_path(tenant, name, version).stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def version_numbers(self, tenant: str, name: str) -> list[int]:
         try:
@@ -185,11 +221,18 @@ class LocalFiles:
         """Names with a stored version, and their versions' tensor bytes (reads headers only)."""
         prefixes = stored = 0
         for name in self.names(tenant):
-            metas = [self.read_meta(tenant, name, v) for v in self.version_numbers(tenant, name)]
-            sizes = [m.size_bytes for m in metas if m is not None]
-            prefixes += bool(sizes)
-            stored += sum(sizes)
+            sizes = [self._size(tenant, name, v) for v in self.version_numbers(tenant, name)]
+            prefixes += any(size is not None for size in sizes)
+            stored += sum(size or 0 for size in sizes)
         return TenantUsage(prefixes=prefixes, stored_bytes=stored)
+
+    def _size(self, tenant: str, name: str, version: int) -> int | None:
+        """A version's tensor bytes; a corrupt one counts its file size (usage goes on)."""
+        try:
+            meta = self.read_meta(tenant, name, version)
+        except CorruptRecordError:
+            return self.stored_size(tenant, name, version)
+        return None if meta is None else meta.size_bytes
 
     @contextmanager
     def tenant_lock(self, tenant: str) -> Iterator[None]:
@@ -199,12 +242,7 @@ class LocalFiles:
             yield
 
     def read_quota(self, tenant: str) -> dict[str, Any]:
-        path = self._tenant(tenant) / "quota.json"
-        try:
-            record = _read_json(path)
-        except ValueError:  # not JSON: the server's defaults apply (TenantQuota.from_stored)
-            log.warning("ignoring corrupt quota record %s: not JSON", path)
-            return {}
+        record = _read_json(self._tenant(tenant) / "quota.json")
         return record if isinstance(record, dict) else {}
 
     def write_quota(self, tenant: str, quota: dict[str, Any]) -> None:
@@ -241,7 +279,7 @@ class LocalFiles:
                 (directory / "tenant.json").unlink()
             except FileNotFoundError:
                 return None
-            hashes = [h for key_id, _ in self.keys(tenant)
+            hashes = [h for key_id in self.key_ids(tenant)
                       if (h := self._forget_key(tenant, key_id)) is not None]
             prefixes = {n: len(self.version_numbers(tenant, n)) for n in self.names(tenant)}
             self._discard(directory)
@@ -256,9 +294,17 @@ class LocalFiles:
         os.replace(directory, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
+    def tenant_known(self, tenant: str) -> bool:
+        """Whether the tenant's record exists (even a corrupt one: the tenant is there)."""
+        return (self._tenant(tenant) / "tenant.json").exists()
+
     def tenant_created_at(self, tenant: str) -> float | None:
-        record = _read_json(self._tenant(tenant) / "tenant.json")
-        return None if record is None else float(record["created_at"])
+        """None when the tenant does not exist; CorruptRecordError when its record is bad."""
+        path = self._tenant(tenant) / "tenant.json"
+        raw = _read_bytes(path)
+        if raw is None:
+            return None
+        return float(json_record(raw, key=str(path), fields={"created_at": float})["created_at"])
 
     def tenant_names(self) -> list[str]:
         try:
@@ -280,28 +326,64 @@ class LocalFiles:
         return 1
 
     def keys(self, tenant: str) -> list[tuple[str, float]]:
+        """(key id, created_at) of each key; a corrupt record is logged and left out."""
         directory = self._tenant(tenant) / "keys"
         found = []
         for f in sorted(os.listdir(directory)) if directory.exists() else []:
-            record = _read_json(directory / f) if f.endswith(".json") else None
-            if record is not None and not f.startswith("."):
-                found.append((f.removesuffix(".json"), float(record["created_at"])))
+            raw = _read_bytes(directory / f) if f.endswith(".json") else None
+            if raw is None or f.startswith("."):
+                continue
+            try:
+                record = json_record(raw, key=str(directory / f), fields={"created_at": float})
+            except CorruptRecordError:
+                continue
+            found.append((f.removesuffix(".json"), record["created_at"]))
         return found
+
+    def key_ids(self, tenant: str) -> list[str]:
+        """Every key id with a record, corrupt ones included (a deletion revokes them all)."""
+        directory = self._tenant(tenant) / "keys"
+        files = sorted(os.listdir(directory)) if directory.exists() else []
+        return [f.removesuffix(".json") for f in files
+                if f.endswith(".json") and not f.startswith(".")]
 
     def revoke_key(self, tenant: str, key_id: str) -> str | None:
         """The revoked key's hash, or None if the tenant has no such key."""
         return self._forget_key(tenant, key_id)
 
     def _forget_key(self, tenant: str, key_id: str) -> str | None:
+        """Delete a key's records; its hash ("" when its record is corrupt and no key-hash
+        record names it), or None when the tenant has no such key."""
         path = self._tenant(tenant) / "keys" / f"{key_id}.json"
-        record = _read_json(path)
-        if record is None:
+        raw = _read_bytes(path)
+        if raw is None:
             return None
-        key_hash = str(record["key_hash"])
-        self._hash_path(key_hash).unlink(missing_ok=True)
+        try:
+            key_hash = str(json_record(raw, key=str(path), fields={"key_hash": str})["key_hash"])
+        except CorruptRecordError:  # the key must still stop working: find it by its owner
+            key_hash = self._hash_naming(tenant, key_id) or ""
+        if KEY_HASH_FILE.match(key_hash):
+            self._hash_path(key_hash).unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         return key_hash
 
+    def _hash_naming(self, tenant: str, key_id: str) -> str | None:
+        """The key hash whose record names (tenant, key_id): a scan, for corrupt key records."""
+        directory = self.root / "key-hashes"
+        for f in sorted(os.listdir(directory)) if directory.exists() else []:
+            raw = _read_bytes(directory / f)
+            try:
+                record = json_record(raw, key=f, fields={"tenant": str, "key_id": str})
+            except CorruptRecordError:
+                continue
+            if (record["tenant"], record["key_id"]) == (tenant, key_id):
+                return f.removesuffix(".json")
+        return None
+
     def tenant_for_key_hash(self, key_hash: str) -> str | None:
-        record = _read_json(self._hash_path(key_hash))
-        return None if record is None else str(record["tenant"])
+        path = self._hash_path(key_hash)
+        raw = _read_bytes(path)
+        if raw is None:
+            return None
+        key = str(path.with_name(key_hash[:12] + "..."))  # never the whole hash in a log
+        return name_field(json_record(raw, key=key, fields={}), "tenant", key)

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,6 +20,7 @@ from prefix_registry.artifact import PrefixArtifact, PrefixMeta
 from prefix_registry.errors import (
     ApiKeyNotFoundError,
     ConflictError,
+    CorruptRecordError,
     PrefixNotFoundError,
     RegistryUnavailableError,
     TenantNotFoundError,
@@ -32,6 +34,7 @@ from prefix_registry.quotas import (
     TenantUsage,
     check_quota_changes,
 )
+from prefix_registry.records import artifact_record, checked_meta, skip_corrupt
 from prefix_registry.store import (
     DEFAULT_PAGE_SIZE,
     ApiKeyInfo,
@@ -92,32 +95,65 @@ class LocalStore:
         else:
             stored = await self._io(self._write_within, artifact, limits)
         await self._notifier.changed(tenant, name)
-        return stored.meta
-
-    def _write(self, artifact: PrefixArtifact) -> PrefixArtifact:
-        """Allocate the next version and write it (blocking)."""
-        tenant, name = artifact.meta.tenant, artifact.meta.name
-        version = self._files.allocate_version(tenant, name)
-        stored = artifact.stored_as(version, time.time())
-        self._files.write_version(tenant, name, version, stored.to_bytes())
         return stored
 
-    def _write_within(self, artifact: PrefixArtifact, limits: StorageLimits) -> PrefixArtifact:
+    def _write(self, artifact: PrefixArtifact) -> PrefixMeta:
+        """Allocate the next version and write it, unless the newest version is this very upload
+        (a retry): then that version (blocking)."""
+        tenant, name = artifact.meta.tenant, artifact.meta.name
+        with self._files.name_lock(tenant, name):
+            same = self._newest_if_same(artifact.meta)
+            if same is not None:
+                return same
+            version = self._files.next_version(tenant, name)
+            stored = artifact.stored_as(version, time.time())
+            self._files.write_version(tenant, name, version, stored.to_bytes())
+        return stored.meta
+
+    def _newest_if_same(self, meta: PrefixMeta) -> PrefixMeta | None:
+        """The newest stored version when it has `meta`'s upload digest (blocking)."""
+        numbers = self._files.version_numbers(meta.tenant, meta.name)
+        if not numbers:
+            return None
+        newest = skip_corrupt(partial(self._checked_meta, meta.tenant, meta.name, numbers[-1]))
+        return newest if newest is not None and newest.upload_digest == meta.upload_digest \
+            else None
+
+    def _write_within(self, artifact: PrefixArtifact, limits: StorageLimits) -> PrefixMeta:
         """`_write` under the tenant's lock, if the tenant stays within `limits` (blocking)."""
         tenant, name = artifact.meta.tenant, artifact.meta.name
         with self._files.tenant_lock(tenant):
+            same = self._newest_if_same(artifact.meta)  # a retry takes no room: not checked
+            if same is not None:
+                return same
             new_name = not self._files.version_numbers(tenant, name)
             usage = self._files.usage(tenant)
             limits.check(tenant, usage, new_name=new_name, size=artifact.meta.size_bytes)
             return self._write(artifact)
 
     async def get(self, tenant: str, ref: str) -> PrefixArtifact:
-        blob = await self._resolve(tenant, ref, self._files.read_blob)
-        return await asyncio.to_thread(PrefixArtifact.from_bytes, blob)
+        """The artifact, checked like an upload (records.py): a bad file is a
+        CorruptRecordError."""
+        artifact: PrefixArtifact = await self._resolve(tenant, ref, self._checked_artifact)
+        return artifact
 
     async def get_meta(self, tenant: str, ref: str) -> PrefixMeta:
-        meta: PrefixMeta = await self._resolve(tenant, ref, self._files.read_meta)
+        meta: PrefixMeta = await self._resolve(tenant, ref, self._checked_meta)
         return meta
+
+    def _checked_artifact(self, tenant: str, name: str, version: int) -> PrefixArtifact | None:
+        blob = self._files.read_blob(tenant, name, version)
+        if blob is None:
+            return None
+        return artifact_record(blob, key=self._files.version_key(tenant, name, version),
+                               tenant=tenant, name=name, version=version, limits=self.limits)
+
+    def _checked_meta(self, tenant: str, name: str, version: int) -> PrefixMeta | None:
+        meta = self._files.read_meta(tenant, name, version)
+        if meta is None:
+            return None
+        return checked_meta(meta, key=self._files.version_key(tenant, name, version),
+                            tenant=tenant, name=name, version=version, limits=self.limits)
 
     async def exists(self, tenant: str, ref: str) -> bool:
         validate_name(tenant, "tenant name")
@@ -147,7 +183,8 @@ class LocalStore:
             if cursor is not None and name <= cursor:
                 continue
             found = self._files.version_numbers(tenant, name)
-            meta = self._files.read_meta(tenant, name, found[-1]) if found else None
+            read = partial(self._checked_meta, tenant, name, found[-1]) if found else None
+            meta = skip_corrupt(read) if read is not None else None  # a bad one is left out
             if meta is not None:
                 items.append(meta)
         return items
@@ -156,8 +193,12 @@ class LocalStore:
         validate_name(tenant, "tenant name")
         validate_name(name)
         numbers = await self._io(self._files.version_numbers, tenant, name)
-        metas = [await self._io(self._files.read_meta, tenant, name, v) for v in numbers]
+        read = [partial(self._checked_meta, tenant, name, v) for v in numbers]
+        metas = [await self._io(skip_corrupt, r) for r in read]  # a bad version is left out
         found = [m for m in metas if m is not None]
+        if not found and numbers:  # every version is bad: say so, rather than "not found"
+            raise CorruptRecordError(f"every stored version of {name!r} is corrupt (logged)",
+                                     self._files.version_key(tenant, name, numbers[-1]))
         if not found:
             raise PrefixNotFoundError(f"prefix {name!r} not found")
         return found
@@ -205,13 +246,14 @@ class LocalStore:
 
     async def list_tenants(self) -> TenantList:
         names = await self._io(self._files.tenant_names)
-        found = [(n, await self._io(self._files.tenant_created_at, n)) for n in names]
+        found = [(n, await self._io(skip_corrupt, partial(self._files.tenant_created_at, n)))
+                 for n in names]  # a corrupt record is logged and left out
         return [TenantInfo(n, at) for n, at in found if at is not None]
 
     async def tenant_exists(self, name: str) -> bool:
         if not NAME_RE.match(name):  # it is a directory name here
             return False
-        return await self._io(self._files.tenant_created_at, name) is not None
+        return await self._io(self._files.tenant_known, name)
 
     async def add_key(
         self, tenant: str, key_id: str, key_hash: str, created_at: float
@@ -239,7 +281,8 @@ class LocalStore:
         key_hash = await self._io(self._files.revoke_key, tenant, key_id) if valid else None
         if key_hash is None:
             raise ApiKeyNotFoundError(f"tenant {excerpt(tenant)} has no key {excerpt(key_id)}")
-        await self._notifier.revoked([key_hash])
+        if key_hash:  # "": its record was corrupt and no key-hash record named it
+            await self._notifier.revoked([key_hash])
 
     async def delete_tenant(self, name: str) -> TenantDeletion:
         validate_name(name, "tenant name")

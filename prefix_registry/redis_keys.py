@@ -18,10 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from prefix_registry.artifact import PrefixMeta
 from prefix_registry.errors import RegistryUnavailableError
+from prefix_registry.records import corrupt
 
 
 @dataclass(frozen=True)
@@ -82,22 +83,34 @@ class Keys:
         return f"{self.prefix(tenant, name)}{version}:blob"
 
 
+# Replies that mean a stored value is not what the layout says (a string where a hash is, a counter
+# that is not an integer): the data is bad, Redis is fine, so retrying would not help.
+_CORRUPT_REPLIES = ("WRONGTYPE", "value is not an integer", "value is not a valid float")
+
+
 @contextmanager
-def unavailable() -> Iterator[None]:
-    """Turn any Redis/network failure into RegistryUnavailableError."""
+def unavailable(key: str = "") -> Iterator[None]:
+    """Turn any Redis/network failure into RegistryUnavailableError, and a reply saying a stored
+    value has the wrong type into CorruptRecordError (`key`: what was being read)."""
     try:
         yield
+    except ResponseError as e:
+        if any(reply in str(e) for reply in _CORRUPT_REPLIES):
+            raise corrupt(key or "(a registry key)", str(e)) from e
+        raise RegistryUnavailableError(f"prefix registry (Redis) unavailable: {e}") from e
     except (TimeoutError, RedisError, RedisClusterException, OSError) as e:
         raise RegistryUnavailableError(f"prefix registry (Redis) unavailable: {e}") from e
 
 
 META_FIELD = "json"  # the whole PrefixMeta; the other fields are copies for operators
+DIGEST_FIELD = "upload_digest"  # PrefixMeta.upload_digest: PUT_SCRIPT answers a retry with it
 
 
 def encode_meta(meta: PrefixMeta) -> dict[Any, Any]:
     """The version's metadata hash: the full JSON plus a few fields readable with HGET."""
     return {META_FIELD: json.dumps(meta.to_dict()), "version": meta.version,
-            "sha256": meta.sha256, "size_bytes": meta.size_bytes, "created_at": meta.created_at}
+            "sha256": meta.sha256, "size_bytes": meta.size_bytes, "created_at": meta.created_at,
+            DIGEST_FIELD: meta.upload_digest}
 
 
 def meta_fields(meta: PrefixMeta) -> list[Any]:
@@ -121,6 +134,7 @@ def change_message(tenant: str, name: str) -> str:
 
 # Read one version's metadata JSON, resolving "" to the newest version atomically.
 # KEYS: versions zset. ARGV: key stem of this name, version or "".
+# Returns {version, json or ""}, or nil when the name has no version.
 META_SCRIPT = """
 local v = ARGV[2]
 if v == "" then
@@ -128,7 +142,7 @@ if v == "" then
   if #top == 0 then return false end
   v = top[1]
 end
-return redis.call("HGET", ARGV[1] .. v .. ":meta", "json")
+return {v, redis.call("HGET", ARGV[1] .. v .. ":meta", "json") or ""}
 """
 
 # A tenant's stored bytes: its counter, computed from every version's `size_bytes` (and kept)
@@ -136,8 +150,8 @@ return redis.call("HGET", ARGV[1] .. v .. ":meta", "json")
 # that use it; every key it reads shares the tenant's hash tag.
 _STORED_BYTES = """
 local function stored_bytes(counter, names, stem)
-  local used = redis.call("GET", counter)
-  if used then return tonumber(used) end
+  local used = tonumber(redis.call("GET", counter) or "")
+  if used then return used end  -- missing, or not a number (a bad write): computed again
   used = 0
   for _, name in ipairs(redis.call("ZRANGE", names, 0, -1)) do
     for _, v in ipairs(redis.call("ZRANGE", stem .. name .. ":versions", 0, -1)) do
@@ -151,12 +165,21 @@ end
 """
 
 # Store one version within the tenant's storage limits: blob, metadata, the version and name
-# indexes, the stored-bytes counter, and announce it, atomically.
+# indexes, the stored-bytes counter, and announce it, atomically; unless the newest version has
+# the same upload digest (a retried upload): then nothing is written and that version is answered.
 # KEYS: blob, meta hash, versions zset, names zset, stored-bytes counter.
 # ARGV: blob, version, name, channel, message, size_bytes, max prefixes or "", max stored bytes
-# or "", key stem of the tenant's prefixes, then the meta hash's field, value, ...
-# Returns {1, 0} stored, {-1, prefix count} or {-2, stored bytes} over a limit.
+# or "", key stem of the tenant's prefixes, upload digest, then the meta hash's field, value, ...
+# Returns {1, 0} stored, {0, version} the same upload already stored as that version,
+# {-1, prefix count} or {-2, stored bytes} over a limit.
 PUT_SCRIPT = _STORED_BYTES + """
+local top = redis.call("ZREVRANGE", KEYS[3], 0, 0)
+if #top > 0 then
+  local newest = ARGV[9] .. ARGV[3] .. ":" .. top[1] .. ":meta"
+  if redis.call("HGET", newest, "upload_digest") == ARGV[10] then
+    return {0, tonumber(top[1]) or 0}
+  end
+end
 local size = tonumber(ARGV[6])
 local used = stored_bytes(KEYS[5], KEYS[4], ARGV[9])
 if ARGV[7] ~= "" and not redis.call("ZSCORE", KEYS[4], ARGV[3]) then
@@ -165,7 +188,7 @@ if ARGV[7] ~= "" and not redis.call("ZSCORE", KEYS[4], ARGV[3]) then
 end
 if ARGV[8] ~= "" and used + size > tonumber(ARGV[8]) then return {-2, used} end
 redis.call("SET", KEYS[1], ARGV[1])
-redis.call("HSET", KEYS[2], unpack(ARGV, 10))
+redis.call("HSET", KEYS[2], unpack(ARGV, 11))
 redis.call("ZADD", KEYS[3], ARGV[2], ARGV[2])
 redis.call("ZADD", KEYS[4], 0, ARGV[3])
 redis.call("INCRBY", KEYS[5], size)
@@ -260,30 +283,56 @@ redis.call("HSET", KEYS[3], ARGV[3], ARGV[5])
 return 1
 """
 
+# A key's hash from its record; when the record is corrupt (not JSON, no `key_hash`), from the
+# key-hash records that name this tenant and key id (a scan, only then): a revocation or a tenant
+# deletion must not stop at a bad record and leave the key working. Nil when none names it.
+_KEY_HASH_OF = """
+local function key_hash_of(raw, hashes, tenant, key_id)
+  local ok, record = pcall(cjson.decode, raw)
+  if ok and type(record) == "table" and type(record["key_hash"]) == "string" then
+    return record["key_hash"]
+  end
+  local all = redis.call("HGETALL", hashes)
+  for i = 1, #all, 2 do
+    local fine, owner = pcall(cjson.decode, all[i + 1])
+    if fine and type(owner) == "table" and owner["tenant"] == tenant
+        and owner["key_id"] == key_id then
+      return all[i]
+    end
+  end
+  return nil
+end
+"""
+
 # Forget one key and announce its hash (servers drop it from their auth caches at once).
 # KEYS: the tenant's keys hash, key-hashes hash. ARGV: key_id, channel, tenant.
-# Returns the revoked key's hash, or nil for an unknown key id.
-REVOKE_KEY_SCRIPT = """
+# Returns the revoked key's hash ("" when none could be found), or nil for an unknown key id.
+REVOKE_KEY_SCRIPT = _KEY_HASH_OF + """
 local raw = redis.call("HGET", KEYS[1], ARGV[1])
 if not raw then return false end
-local hash = cjson.decode(raw)["key_hash"]
-redis.call("HDEL", KEYS[2], hash)
+local hash = key_hash_of(raw, KEYS[2], ARGV[3], ARGV[1])
+if hash then redis.call("HDEL", KEYS[2], hash) end
 redis.call("HDEL", KEYS[1], ARGV[1])
-redis.call("PUBLISH", ARGV[2], cjson.encode({tenant = ARGV[3], revoked = {hash}}))
-return hash
+if hash then
+  redis.call("PUBLISH", ARGV[2], cjson.encode({tenant = ARGV[3], revoked = {hash}}))
+end
+return hash or ""
 """
 
 # Delete a tenant's record, quota and every key of it, announcing the key hashes.
 # KEYS: tenants hash, the tenant's keys hash, key-hashes hash, the tenant's quota hash.
 # ARGV: tenant, channel.
 # Returns the revoked hashes (possibly none), or nil for an unknown tenant.
-DELETE_TENANT_SCRIPT = """
+DELETE_TENANT_SCRIPT = _KEY_HASH_OF + """
 if redis.call("HEXISTS", KEYS[1], ARGV[1]) == 0 then return false end
 local hashes = {}
-for _, raw in ipairs(redis.call("HVALS", KEYS[2])) do
-  local hash = cjson.decode(raw)["key_hash"]
-  redis.call("HDEL", KEYS[3], hash)
-  hashes[#hashes + 1] = hash
+local records = redis.call("HGETALL", KEYS[2])
+for i = 1, #records, 2 do
+  local hash = key_hash_of(records[i + 1], KEYS[3], ARGV[1], records[i])
+  if hash then
+    redis.call("HDEL", KEYS[3], hash)
+    hashes[#hashes + 1] = hash
+  end
 end
 redis.call("DEL", KEYS[2], KEYS[4])
 redis.call("HDEL", KEYS[1], ARGV[1])

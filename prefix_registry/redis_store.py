@@ -14,15 +14,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from functools import partial
 
 from prefix_registry.artifact import PrefixArtifact, PrefixMeta
 from prefix_registry.errors import (
+    CorruptRecordError,
     PrefixNotFoundError,
     QuotaExceededError,
     TenantNotFoundError,
     excerpt,
 )
 from prefix_registry.quotas import StorageLimits, prefix_count_exceeded, stored_bytes_exceeded
+from prefix_registry.records import artifact_record, corrupt, meta_record, skip_corrupt
 from prefix_registry.redis_connect import Command, RedisOptions, connect, parse_redis_url, write
 from prefix_registry.redis_keys import (
     DELETE_SCRIPT,
@@ -32,7 +35,6 @@ from prefix_registry.redis_keys import (
     PUT_SCRIPT,
     Keys,
     change_message,
-    decode_meta,
     meta_fields,
     text,
     unavailable,
@@ -52,11 +54,10 @@ from prefix_registry.store import (
     Subscription,
     clamp_limit,
 )
-from prefix_registry.token_buckets import RedisTokenBuckets
 from prefix_registry.validation import Limits, parse_ref, validate_name
 
 LATEST_RETRIES = 3  # resolving "latest" again if that version is deleted between two calls
-INLINE_PARSE_BYTES = 8 * 2**20  # parse smaller blobs on the event loop (~1 ms for 2.5 MiB)
+INLINE_PARSE_BYTES = 2**20  # parse and check smaller blobs on the event loop (~1 ms a MiB)
 
 
 class RedisStore(RedisTenants):
@@ -138,17 +139,25 @@ class RedisStore(RedisTenants):
         by_tenant: dict[str, list[tuple[PrefixMeta, bytes]]] = {}
         for meta, blob in zip((s.meta for s in stored), blobs, strict=True):
             by_tenant.setdefault(meta.tenant, []).append((meta, blob))
-        written: set[tuple[str, str, int]] = set()
+        answered: dict[tuple[str, str, int], PrefixMeta] = {}  # allocated -> what was stored
         for tenant, items in by_tenant.items():  # a tenant's keys share one slot
             commands = [self._put_command(meta, blob, limits) for meta, blob in items]
             for (meta, _), result in zip(items, await self._write(k.names(tenant), commands),
                                          strict=True):
                 code, value = (int(x) for x in result)  # type: ignore[attr-defined]
                 if code == 1:
-                    written.add((meta.tenant, meta.name, meta.version))
+                    answered[_place(meta)] = meta
+                elif code == 0:  # a retry of the upload stored as `value`: that version
+                    answered[_place(meta)] = await self._replayed(meta, value)
                 else:
                     refusals.append(_refusal(meta, code, value, limits))
-        return [s.meta for s in stored if (s.meta.tenant, s.meta.name, s.meta.version) in written]
+        return [answered[_place(s.meta)] for s in stored if _place(s.meta) in answered]
+
+    async def _replayed(self, meta: PrefixMeta, version: int) -> PrefixMeta:
+        """The stored version a retried upload answers with (its number is left unused)."""
+        if version < 1:
+            raise corrupt(self.keys.versions(meta.tenant, meta.name), "a version is not a number")
+        return await self.get_meta(meta.tenant, f"{meta.name}@{version}")
 
     def _put_command(self, meta: PrefixMeta, blob: bytes, limits: StorageLimits) -> Command:
         k, (tenant, name, version) = self.keys, (meta.tenant, meta.name, meta.version)
@@ -156,7 +165,7 @@ class RedisStore(RedisTenants):
                 k.versions(tenant, name), k.names(tenant), k.stored_bytes(tenant)]
         args = [blob, version, name, k.channel, change_message(tenant, name), meta.size_bytes,
                 _limit(limits.max_prefixes), _limit(limits.max_stored_bytes),
-                k.tenant_prefixes(tenant), *meta_fields(meta)]
+                k.tenant_prefixes(tenant), meta.upload_digest, *meta_fields(meta)]
         return ("EVAL", PUT_SCRIPT, len(keys), *keys, *args)
 
     async def _write(self, slot_key: str, commands: Sequence[Command]) -> list[object]:
@@ -165,42 +174,58 @@ class RedisStore(RedisTenants):
                            timeout_s=self._options.write_timeout_s)
 
     async def get(self, tenant: str, ref: str) -> PrefixArtifact:
-        blob = await self._read_blob(tenant, ref)
-        if len(blob) < INLINE_PARSE_BYTES:  # parsing is a copy: cheaper than a thread hop
-            return PrefixArtifact.from_bytes(blob)
-        return await asyncio.to_thread(PrefixArtifact.from_bytes, blob)
+        """The artifact, checked like an upload (records.py): a bad blob is a CorruptRecordError."""
+        blob, name, version = await self._read_blob(tenant, ref)
+        key = self.keys.blob(tenant, name, version)
 
-    async def _read_blob(self, tenant: str, ref: str) -> bytes:
-        """A plain GET of the blob (a Lua script returning it would copy it once more)."""
+        def check() -> PrefixArtifact:
+            return artifact_record(blob, key=key, tenant=tenant, name=name, version=version,
+                                   limits=self.limits)
+        if len(blob) < INLINE_PARSE_BYTES:  # parsing is a copy: cheaper than a thread hop
+            return check()
+        return await asyncio.to_thread(check)
+
+    async def _read_blob(self, tenant: str, ref: str) -> tuple[bytes, str, int]:
+        """A plain GET of the blob (a Lua script returning it would copy it once more), with the
+        name and version it was read as."""
         validate_name(tenant, "tenant name")
         name, version = parse_ref(ref)
-        blob = None
-        with unavailable():
+        blob, v = None, version
+        with unavailable(self.keys.prefix(tenant, name)):
             for _ in range(LATEST_RETRIES):
                 v = version if version is not None else await self._latest(tenant, name)
                 blob = None if v is None else await self._redis.get(self.keys.blob(tenant, name, v))
                 if blob is not None or v is None or version is not None:
                     break  # else: that newest version was deleted meanwhile, resolve again
-        if blob is None:
+        if blob is None or v is None:
             raise PrefixNotFoundError(f"prefix {excerpt(ref)} not found")
-        return blob if isinstance(blob, bytes) else blob.encode()  # replies are bytes
+        return (blob if isinstance(blob, bytes) else blob.encode()), name, v  # replies are bytes
 
     async def _latest(self, tenant: str, name: str) -> int | None:
-        top = await self._redis.zrevrange(self.keys.versions(tenant, name), 0, 0)
-        return int(text(top[0])) if top else None
+        key = self.keys.versions(tenant, name)
+        top = await self._redis.zrevrange(key, 0, 0)
+        if not top:
+            return None
+        if not text(top[0]).isdigit() or int(text(top[0])) < 1:
+            raise corrupt(key, f"member {excerpt(text(top[0]))} is not a version number")
+        return int(text(top[0]))
 
     async def get_meta(self, tenant: str, ref: str) -> PrefixMeta:
         """One round trip: the script resolves `name` to the newest version and reads it."""
         validate_name(tenant, "tenant name")
         name, version = parse_ref(ref)
-        with unavailable():
+        with unavailable(self.keys.prefix(tenant, name)):
             found = await self._meta_script(
                 keys=[self.keys.versions(tenant, name)],
                 args=[self.keys.prefix(tenant, name), version or ""],
             )
-        if found is None:
+        v = "" if found is None else text(found[0])
+        if v and not v.isdigit():
+            raise corrupt(self.keys.versions(tenant, name), f"member {excerpt(v)} is not a version")
+        if found is None or not found[1]:
             raise PrefixNotFoundError(f"prefix {excerpt(ref)} not found")
-        return decode_meta(found)
+        return meta_record(found[1], key=self.keys.meta(tenant, name, v), tenant=tenant,
+                           name=name, version=int(v), limits=self.limits)
 
     async def exists(self, tenant: str, ref: str) -> bool:
         validate_name(tenant, "tenant name")
@@ -217,7 +242,7 @@ class RedisStore(RedisTenants):
         validate_name(tenant, "tenant name")
         limit = clamp_limit(limit)
         start = "-" if cursor is None else "(" + validate_name(cursor, "cursor")
-        with unavailable():
+        with unavailable(self.keys.names(tenant)):
             if not await self._redis.hexists(self.keys.tenants, tenant):
                 raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
             found = await self._list_script(
@@ -225,23 +250,42 @@ class RedisStore(RedisTenants):
                 args=[start, limit + 1, self.keys.tenant_prefixes(tenant)],
             )
         names = [text(n) for n in found[0::2]]
-        items = [decode_meta(raw) for raw in found[1:limit * 2:2] if raw]  # "" = just deleted
+        raws = found[1:limit * 2:2]  # "" = just deleted
+        metas = [skip_corrupt(partial(self._listed, tenant, n, raw))
+                 for n, raw in zip(names, raws, strict=False) if raw]
         next_cursor = names[limit - 1] if len(names) > limit else None
-        return Page(items=items, next_cursor=next_cursor)
+        return Page(items=[m for m in metas if m is not None], next_cursor=next_cursor)
+
+    def _listed(self, tenant: str, name: str, raw: bytes) -> PrefixMeta:
+        key = self.keys.meta(tenant, name, "<newest>")
+        return meta_record(raw, key=key, tenant=tenant, name=name, version=None,
+                           limits=self.limits)
 
     async def versions(self, tenant: str, name: str) -> MetaList:
         validate_name(tenant, "tenant name")
         validate_name(name)
-        with unavailable():
-            found = await self._redis.zrange(self.keys.versions(tenant, name), 0, -1)
+        with unavailable(self.keys.prefix(tenant, name)):
+            found = [text(v) for v in
+                     await self._redis.zrange(self.keys.versions(tenant, name), 0, -1)]
             async with self._redis.pipeline(transaction=False) as pipe:
                 for v in found:
-                    pipe.hget(self.keys.meta(tenant, name, text(v)), META_FIELD)
+                    pipe.hget(self.keys.meta(tenant, name, v), META_FIELD)
                 raws = await pipe.execute()
-        metas = [decode_meta(raw) for raw in raws if raw]
-        if not metas:
+        read = [(v, raw) for v, raw in zip(found, raws, strict=True) if raw]
+        metas = [skip_corrupt(partial(self._version, tenant, name, v, raw)) for v, raw in read]
+        if not read:
             raise PrefixNotFoundError(f"prefix {name!r} not found")
-        return metas
+        good = [m for m in metas if m is not None]
+        if not good:  # every version is bad: say so, rather than "not found"
+            raise CorruptRecordError(f"every stored version of {name!r} is corrupt (logged)",
+                                     self.keys.prefix(tenant, name))
+        return good
+
+    def _version(self, tenant: str, name: str, version: str, raw: bytes) -> PrefixMeta:
+        key = self.keys.meta(tenant, name, version)
+        number = int(version) if version.isdigit() else -1  # a bad member fails the check
+        return meta_record(raw, key=key, tenant=tenant, name=name, version=number,
+                           limits=self.limits)
 
     async def delete(self, tenant: str, name: str, version: int | None = None) -> int:
         validate_name(tenant, "tenant name")
@@ -272,10 +316,6 @@ class RedisStore(RedisTenants):
         await self._listener.start()
         return subscription
 
-    def token_buckets(self) -> RedisTokenBuckets:
-        """Tokens-per-minute buckets in this Redis, shared by every server that uses it."""
-        return RedisTokenBuckets(self._redis, self.keys)
-
     # ---- lifecycle ------------------------------------------------------------------------
 
     async def ping(self) -> None:
@@ -302,6 +342,10 @@ class RedisStore(RedisTenants):
             await self._listener.close()
             self._listener = None
         await self._redis.aclose()
+
+
+def _place(meta: PrefixMeta) -> tuple[str, str, int]:
+    return meta.tenant, meta.name, meta.version
 
 
 def _limit(value: int | None) -> int | str:

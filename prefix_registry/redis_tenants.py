@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 from prefix_registry.errors import ApiKeyNotFoundError, ConflictError, TenantNotFoundError, excerpt
 from prefix_registry.quotas import QuotaValue, TenantQuota, TenantUsage, check_quota_changes
+from prefix_registry.records import json_record, name_field, skip_corrupt
 from prefix_registry.redis_connect import Client, Command
 from prefix_registry.redis_keys import (
     ADD_KEY_SCRIPT,
@@ -91,8 +93,13 @@ class RedisTenants:
     async def list_tenants(self) -> TenantList:
         with unavailable():
             raw = await self._redis.hgetall(self.keys.tenants)
-        tenants = [TenantInfo(text(k), json.loads(v)["created_at"]) for k, v in raw.items()]
-        return sorted(tenants, key=lambda t: t.name)
+        found = [skip_corrupt(partial(self._tenant_info, text(k), v)) for k, v in raw.items()]
+        return sorted((t for t in found if t is not None), key=lambda t: t.name)
+
+    def _tenant_info(self, name: str, raw: bytes | str) -> TenantInfo:
+        key = f"{self.keys.tenants}[{excerpt(name)}]"
+        record = json_record(raw, key=key, fields={"created_at": float})
+        return TenantInfo(name, record["created_at"])
 
     async def tenant_exists(self, name: str) -> bool:
         with unavailable():
@@ -125,8 +132,10 @@ class RedisTenants:
                 known, raw = await pipe.execute()
         if not known:
             raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
-        keys = [ApiKeyInfo(text(k), json.loads(v)["created_at"]) for k, v in raw.items()]
-        return sorted(keys, key=lambda key: (key.created_at, key.key_id))
+        where = self.keys.tenant_keys(tenant)
+        found = [skip_corrupt(partial(_key_info, where, text(k), v)) for k, v in raw.items()]
+        return sorted((k for k in found if k is not None),
+                      key=lambda key: (key.created_at, key.key_id))
 
     async def revoke_key(self, tenant: str, key_id: str) -> None:
         k = self.keys
@@ -136,12 +145,16 @@ class RedisTenants:
                 ("EVAL", REVOKE_KEY_SCRIPT, 2, *keys, key_id, k.channel, tenant)])
         if revoked is None:
             raise ApiKeyNotFoundError(f"tenant {excerpt(tenant)} has no key {excerpt(key_id)}")
-        await self._notifier.revoked([text(revoked)])
+        if text(revoked):  # "": its record was corrupt and no key-hash record named it
+            await self._notifier.revoked([text(revoked)])
 
     async def tenant_for_key_hash(self, key_hash: str) -> str | None:
-        with unavailable():
+        with unavailable(self.keys.key_hashes):
             raw = await self._redis.hget(self.keys.key_hashes, key_hash)
-        return None if raw is None else str(json.loads(raw)["tenant"])
+        if raw is None:
+            return None
+        key = f"{self.keys.key_hashes}[{key_hash[:12]}...]"  # never the whole hash in a log
+        return name_field(json_record(raw, key=key, fields={}), "tenant", key)
 
     async def get_quota(self, tenant: str) -> TenantQuota:
         with unavailable():
@@ -151,7 +164,7 @@ class RedisTenants:
                 known, raw = await pipe.execute()
         if not known:
             raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
-        return TenantQuota.from_stored(raw, where=self.keys.quota(tenant))
+        return TenantQuota.from_dict({text(k): json.loads(v) for k, v in raw.items()})
 
     async def update_quota(
         self, tenant: str, changes: Mapping[str, QuotaValue | None]
@@ -165,9 +178,9 @@ class RedisTenants:
             [found] = await self._write(keys[0], [("EVAL", UPDATE_QUOTA_SCRIPT, 2, *keys, *args)])
         if found is None:
             raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
-        flat = list(found)  # type: ignore[call-overload]
-        return TenantQuota.from_stored(dict(zip(flat[0::2], flat[1::2], strict=True)),
-                                       where=self.keys.quota(tenant))
+        flat = [text(item) for item in found]  # type: ignore[attr-defined]
+        return TenantQuota.from_dict(dict(zip(flat[0::2], map(json.loads, flat[1::2]),
+                                              strict=True)))
 
     async def usage(self, tenant: str) -> TenantUsage:
         k = self.keys
@@ -179,3 +192,9 @@ class RedisTenants:
             [found] = await self._write(keys[1], [command])
         prefixes, stored = (int(x) for x in found)  # type: ignore[attr-defined]
         return TenantUsage(prefixes=prefixes, stored_bytes=stored)
+
+
+def _key_info(where: str, key_id: str, raw: bytes | str) -> ApiKeyInfo:
+    key = f"{where}[{excerpt(key_id)}]"
+    record = json_record(raw, key=key, fields={"key_hash": str, "created_at": float})
+    return ApiKeyInfo(key_id, record["created_at"])

@@ -136,7 +136,8 @@ async def _call(fn: Callable[..., object], *args: object) -> None:
 
 class PrefixStore(Protocol):
     """Where prefixes, tenants and API key hashes live. Every method may raise
-    RegistryUnavailableError when the backend can't be reached."""
+    RegistryUnavailableError when the backend can't be reached, and CorruptRecordError when a
+    record it read fails the checks of `records.py` (listings leave such a record out)."""
 
     limits: Limits
 
@@ -145,10 +146,12 @@ class PrefixStore(Protocol):
     ) -> PrefixMeta:
         """Validate and store `artifact` as a new version of (meta.tenant, meta.name).
 
-        Returns the stored metadata (version and created_at assigned). Raises
-        TenantNotFoundError, InvalidPrefixError, PrefixTooLargeError, and QuotaExceededError
-        when the tenant would go past `limits` (checked atomically with the write, so
-        concurrent uploads cannot overshoot).
+        Returns the stored metadata (version and created_at assigned). When the newest version
+        of the name has the same `upload_digest` (a retried upload), nothing is stored and that
+        version's metadata is returned, so a retry after a failed acknowledgement makes no
+        duplicate. Raises TenantNotFoundError, InvalidPrefixError, PrefixTooLargeError, and
+        QuotaExceededError when the tenant would go past `limits` (checked atomically with the
+        write, so concurrent uploads cannot overshoot).
         """
         ...
 

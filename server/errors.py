@@ -92,6 +92,15 @@ class TenantQueueFullError(OverloadedError):
     type = "tenant_queue_full"
 
 
+class CorruptRecordError(RequestError):
+    """A record read back from the registry is inconsistent: the server's data is bad, so it is a
+    500 (retrying will not help until an operator deletes or re-uploads it), never a 4xx blaming
+    the caller. Only the request that read the record fails."""
+
+    status_code = 500
+    type = "corrupt_record"
+
+
 class UnavailableError(ServeError):
     status_code = 503
     type = "unavailable"

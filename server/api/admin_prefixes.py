@@ -2,7 +2,9 @@
 
 A tenant key manages its own tenant's prefixes; the operator names the tenant (`tenant` form field
 on upload, `?tenant=` elsewhere; default `default`). Listings mark a version made for another base
-model (`compatible: false` and the reason): it is kept, but this server cannot use it.
+model (`compatible: false` and the reason): it is kept, but this server cannot use it. A version
+whose stored record is corrupt is left out of listings (the store logs it); reading it alone is a
+500 `corrupt_record`. A retried upload is answered with the version it made (201, same body).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ _REGISTRY_TO_SERVER: dict[type, type[srv.ServeError]] = {
     reg.QuotaExceededError: srv.QuotaExceededError,
     reg.InvalidQuotaError: srv.ValidationError,
     reg.ConflictError: srv.ConflictError,
+    reg.CorruptRecordError: srv.CorruptRecordError,
     reg.RegistryUnavailableError: srv.RegistryUnavailableError,
 }
 _STATUS_TYPES = {

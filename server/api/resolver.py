@@ -2,7 +2,10 @@
 
 Artifacts come through the registry's `CachedStore`: kept in-process (LRU by tensor bytes) per
 (tenant, ref) and dropped when the registry announces a change to that (tenant, name) from any
-process, or a reset. Another tenant's prefix is answered exactly like a missing one.
+process, or a reset. Another tenant's prefix is answered exactly like a missing one. The store
+checks what it reads like an upload (`prefix_registry/records.py`): a corrupt record is a
+`CorruptRecordError` (500 `corrupt_record`) for this request only, and is never cached, so the
+engine never sees it.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class PrefixResolver:
 
     async def resolve(self, tenant: str, ref: str) -> PrefixSource:
         """The prefix `ref` of `tenant`: 404 if it is not that tenant's, 422 if malformed or
-        made for another model."""
+        made for another model, 500 `corrupt_record` if its stored record is bad."""
         parse_ref(ref)  # a malformed ref is a 422 (InvalidPrefixError), not a 404
         try:
             artifact = await self._cache.get(tenant, ref)

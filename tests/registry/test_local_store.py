@@ -59,8 +59,9 @@ def test_processes_sharing_a_directory_get_distinct_versions(tmp_path: Path) -> 
 async def test_no_partial_files_are_left(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     await store.create_tenant("acme")
-    artifact = PrefixArtifact.create(name="p", tenant="acme", tensors=make_tensors(), model=FP)
-    await asyncio.gather(*(store.put(artifact) for _ in range(5)))
+    artifacts = [PrefixArtifact.create(name="p", tenant="acme", tensors=make_tensors(seed=i),
+                                       model=FP) for i in range(5)]  # 5 distinct uploads
+    await asyncio.gather(*(store.put(artifact) for artifact in artifacts))
     files = sorted(os.listdir(tmp_path / "tenants" / "acme" / "prefixes" / "p"))
     assert files == ["1.safetensors", "2.safetensors", "3.safetensors", "4.safetensors",
                      "5.safetensors", "seq", "seq.lock"]
