@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -99,6 +100,9 @@ def _orphaned(path: Path, now: float) -> bool:
             return True
     except FileNotFoundError:
         return False
+
+
+log = logging.getLogger(__name__)
 
 
 def _read_bytes(path: Path) -> bytes | None:
@@ -242,7 +246,12 @@ class LocalFiles:
             yield
 
     def read_quota(self, tenant: str) -> dict[str, Any]:
-        record = _read_json(self._tenant(tenant) / "quota.json")
+        path = self._tenant(tenant) / "quota.json"
+        try:
+            record = _read_json(path)
+        except ValueError:  # not JSON: the server's defaults apply (TenantQuota.from_stored)
+            log.warning("ignoring corrupt quota record %s: not JSON", path)
+            return {}
         return record if isinstance(record, dict) else {}
 
     def write_quota(self, tenant: str, quota: dict[str, Any]) -> None:

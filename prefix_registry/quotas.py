@@ -7,6 +7,7 @@ enforces the storage fields itself, atomically with the write: `put(..., limits=
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Mapping
@@ -46,18 +47,39 @@ class TenantQuota:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> TenantQuota:
+    def from_dict(cls, data: Mapping[str, Any], where: str = "") -> TenantQuota:
         """From stored fields. Unknown fields (from a newer server) are ignored, and so is a
-        value that is no longer valid (logged): a stored record must never fail requests."""
+        value that is no longer valid (logged with the record's key `where`): a stored record
+        must never fail requests."""
         known = {f.name for f in fields(cls)}
         values: dict[str, Any] = {}
+        if not isinstance(data, Mapping):
+            log.warning("ignoring corrupt quota record %s: not a mapping", where)
+            return cls()
         for key, value in data.items():
             try:
                 if key in known:
                     values[key] = check_quota_value(key, value)
             except InvalidQuotaError as exc:
-                log.warning("ignoring a stored quota value: %s", exc.message)
+                log.warning("ignoring a stored quota value of %s: %s", where, exc.message)
         return cls(**values)
+
+    @classmethod
+    def from_stored(cls, raw: Mapping[Any, Any], where: str) -> TenantQuota:
+        """From a stored record of field -> JSON text (bytes or str). A field whose text is not
+        JSON, or whose value is not valid, is ignored and logged with the record's key `where`:
+        that field falls back to the server's default, the tenant's other fields still apply,
+        and the tenant's requests go on (never a 500 for the store's bad data)."""
+        data: dict[str, Any] = {}
+        for field, text in raw.items():
+            name = field.decode(errors="replace") if isinstance(field, bytes) else str(field)
+            try:
+                data[name] = json.loads(text)
+            except (ValueError, TypeError):  # UnicodeDecodeError is a ValueError
+                log.warning("ignoring quota field %r of corrupt record %s: not JSON: %r",
+                            name[:64], where, bytes(text[:64]) if isinstance(text, bytes)
+                            else str(text)[:64])
+        return cls.from_dict(data, where=where)
 
     def updated(self, changes: Mapping[str, QuotaValue | None]) -> TenantQuota:
         """This quota with `changes` applied (None clears a field)."""

@@ -54,6 +54,7 @@ from prefix_registry.store import (
     Subscription,
     clamp_limit,
 )
+from prefix_registry.token_buckets import RedisTokenBuckets
 from prefix_registry.validation import Limits, parse_ref, validate_name
 
 LATEST_RETRIES = 3  # resolving "latest" again if that version is deleted between two calls
@@ -315,6 +316,10 @@ class RedisStore(RedisTenants):
             self._listener = Listener(client, self.keys.channel, self._notifier)
         await self._listener.start()
         return subscription
+
+    def token_buckets(self) -> RedisTokenBuckets:
+        """Tokens-per-minute buckets in this Redis, shared by every server that uses it."""
+        return RedisTokenBuckets(self._redis, self.keys)
 
     # ---- lifecycle ------------------------------------------------------------------------
 

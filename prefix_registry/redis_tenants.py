@@ -164,7 +164,7 @@ class RedisTenants:
                 known, raw = await pipe.execute()
         if not known:
             raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
-        return TenantQuota.from_dict({text(k): json.loads(v) for k, v in raw.items()})
+        return TenantQuota.from_stored(raw, where=self.keys.quota(tenant))
 
     async def update_quota(
         self, tenant: str, changes: Mapping[str, QuotaValue | None]
@@ -178,9 +178,9 @@ class RedisTenants:
             [found] = await self._write(keys[0], [("EVAL", UPDATE_QUOTA_SCRIPT, 2, *keys, *args)])
         if found is None:
             raise TenantNotFoundError(f"tenant {excerpt(tenant)} does not exist")
-        flat = [text(item) for item in found]  # type: ignore[attr-defined]
-        return TenantQuota.from_dict(dict(zip(flat[0::2], map(json.loads, flat[1::2]),
-                                              strict=True)))
+        flat = list(found)  # type: ignore[call-overload]
+        return TenantQuota.from_stored(dict(zip(flat[0::2], flat[1::2], strict=True)),
+                                       where=self.keys.quota(tenant))
 
     async def usage(self, tenant: str) -> TenantUsage:
         k = self.keys

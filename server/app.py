@@ -28,7 +28,7 @@ from server.api.metrics import Metrics
 from server.api.middleware import RequestContextMiddleware
 from server.api.prompts import PromptEncoder
 from server.api.quotas import Quota, QuotaCache
-from server.api.rate_limit import TokenRateLimiter
+from server.api.rate_limit import rate_limiter_for
 from server.api.resolver import PrefixResolver
 from server.api.state import Lifecycle, Services
 from server.engine.config import EngineConfig
@@ -104,7 +104,8 @@ async def start_services(
     metrics.watch_engine(backend.stats, known=quotas.__contains__)
     prompts = PromptEncoder(loaded.tokenizer, settings.max_seq_len or loaded.max_context)
     services = Services(settings, loaded, backend, store, resolver, auth, metrics,
-                        Lifecycle(backend, settings.shutdown_grace_s), quotas, TokenRateLimiter(),
+                        Lifecycle(backend, settings.shutdown_grace_s), quotas,
+                        rate_limiter_for(store),
                         prompts,
                         engine=engine if isinstance(engine, Engine) else None)
     if settings.auth_disabled:

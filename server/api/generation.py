@@ -3,12 +3,18 @@
 Shared by `/generate` and the OpenAI-compatible routes, which differ only in wire format. Metrics
 (time to first token, inter-token latency, token counters) and the request's log fields are
 recorded here as the events pass, so streamed and non-streamed requests count alike.
+
+Tokens per minute: the request reserves its prompt plus `max_new_tokens` before it is submitted
+(server/api/rate_limit.py) and gives back the unused part when its `Finished` event is seen. A
+stream whose client hung up is read to its end by a background task, so its tokens are settled
+and counted in the per-tenant metrics whether or not anyone reads them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,6 +26,7 @@ from server import errors as srv
 from server.api.backend import EventStream
 from server.api.middleware import annotate, new_request_id, request_id
 from server.api.quotas import Quota
+from server.api.rate_limit import Reservation
 from server.api.state import Services
 from server.engine.request import (
     EngineRequest,
@@ -31,7 +38,12 @@ from server.engine.request import (
     TextDelta,
 )
 
+log = logging.getLogger("prefix_serve.api")
 REPLICA_HEADER = "X-Prefix-Serve-Replica"
+# How long a hung-up stream is read for its end (a cancelled request ends at the engine's next
+# step); past it the reservation stays charged in full.
+DRAIN_TIMEOUT_S = 300.0
+_draining: set[asyncio.Task[None]] = set()  # strong references to the background readers
 
 
 @dataclass(frozen=True)
@@ -49,14 +61,17 @@ class Generation:
     """One submitted request: its event stream plus what the routes report about it."""
 
     def __init__(self, services: Services, request: Request, engine_request: EngineRequest,
-                 stream: EventStream) -> None:
+                 stream: EventStream, reservation: Reservation | None = None) -> None:
         self.id = engine_request.request_id
         self.prefix: PrefixSource | None = engine_request.prefix
         self._services = services
         self._request = request
         self._tenant = engine_request.tenant.name
         self._stream = stream
-        self._charged = 0  # generated tokens counted against the tenant's tokens per minute
+        self._reservation = reservation  # tokens per minute taken at admission
+        self._prompt_tokens = len(engine_request.prompt)  # token ids by now
+        self._seen = 0  # generated tokens seen in deltas
+        self._reading = False  # a route is iterating `events()`
         self.finished: Finished | None = None
 
     @property
@@ -68,36 +83,61 @@ class Generation:
     async def events(self) -> AsyncIterator[Event]:
         """The engine's events, observed for metrics; ends after the `Finished` event."""
         last: float | None = None
-        async for event in self._stream:
-            if isinstance(event, TextDelta):
-                last = self._observe_delta(event, last)
-            else:
-                self._observe_finished(event)
-            yield event
-            if isinstance(event, Finished):
-                return
+        self._reading = True
+        try:
+            async for event in self._stream:
+                if isinstance(event, TextDelta):
+                    last = self._observe_delta(event, last)
+                else:
+                    await self._observe_finished(event)
+                yield event
+                if isinstance(event, Finished):
+                    return
+        finally:
+            self._reading = False
 
     def cancel(self) -> None:
-        """Free the request's slot (no-op once finished)."""
+        """Free the request's slot (no-op once finished). When no route reads the stream any
+        more (a streaming client hung up), a background task reads it to its end, so the
+        request's tokens are settled and counted."""
         if self.finished is None:
             self._stream.cancel()
             annotate(self._request, finish_reason=FinishReason.CANCELLED.value)
+            if not self._reading:
+                self._reading = True
+                task = asyncio.ensure_future(self._drain())
+                _draining.add(task)
+                task.add_done_callback(_draining.discard)
+
+    async def _drain(self) -> None:
+        try:
+            async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                async for event in self._stream:
+                    if isinstance(event, TextDelta):
+                        self._seen += len(event.token_ids)
+                    else:
+                        await self._observe_finished(event)
+                        return
+        except Exception:  # the reservation stays charged: overcharged, never undercharged
+            log.exception("reading the end of cancelled request %s failed", self.id)
 
     def _observe_delta(self, event: TextDelta, last: float | None) -> float:
         now = time.perf_counter()
-        self._services.rate_limiter.charge(self._tenant, len(event.token_ids))
-        self._charged += len(event.token_ids)
+        self._seen += len(event.token_ids)
         tokens = max(1, len(event.token_ids))
         if last is not None:
             for _ in range(tokens):
                 self._services.metrics.inter_token.observe((now - last) / tokens)
         return now
 
-    def _observe_finished(self, event: Finished) -> None:
+    async def _observe_finished(self, event: Finished) -> None:
         self.finished = event
         usage, tenant = event.usage, self._tenant
-        self._services.rate_limiter.charge(
-            tenant, usage.prompt_tokens + max(0, usage.completion_tokens - self._charged))
+        if self._reservation is not None:
+            # A lost replica reports no usage: the tokens seen still count.
+            used = self._prompt_tokens + max(usage.completion_tokens, self._seen)
+            reservation, self._reservation = self._reservation, None
+            await self._services.rate_limiter.settle(reservation, used)
         self._services.metrics.finished(tenant, usage, event.timings)
         annotate(
             self._request, finish_reason=event.finish_reason.value,
@@ -112,10 +152,10 @@ class Generation:
 async def start_generation(
     services: Services, request: Request, call: GenerationCall
 ) -> Generation:
-    """Check the tenant's tokens per minute, resolve the prefix, tokenize off the event loop and
-    submit; raises 429 (`rate_limited`) and the engine's synchronous errors (429, 400, 503)."""
+    """Resolve the prefix, tokenize off the event loop, reserve the tenant's tokens per minute
+    and submit; raises 429 (`rate_limited`) and the engine's synchronous errors (429, 400, 503).
+    """
     quota = await tenant_quota(services, call.tenant)
-    services.rate_limiter.check(call.tenant, quota.tokens_per_minute)
     prefix = None
     if call.prefix_ref is not None:
         prefix = await services.resolver.resolve(call.tenant, call.prefix_ref)
@@ -130,8 +170,15 @@ async def start_generation(
         request_id=engine_request_id(request), add_special_tokens=call.add_special_tokens,
         tenant=quota.share(call.tenant),
     )
-    stream = await services.backend.submit(engine_request)
-    generation = Generation(services, request, engine_request, stream)
+    reservation = await services.rate_limiter.reserve(
+        call.tenant, quota.tokens_per_minute, len(prompt) + call.sampling.max_new_tokens)
+    try:
+        stream = await services.backend.submit(engine_request)
+    except BaseException:
+        if reservation is not None:  # refused before it ran: nothing was used
+            await services.rate_limiter.settle(reservation, 0)
+        raise
+    generation = Generation(services, request, engine_request, stream, reservation)
     annotate(request, engine_request_id=generation.id,
              **({"replica": stream.replica} if stream.replica else {}))
     return generation

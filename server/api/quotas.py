@@ -4,23 +4,28 @@ cached in memory so that a request needs no registry round trip.
 A tenant's quota is read from the registry at most once per `--tenant-quota-ttl-s`, shared by the
 requests that ask meanwhile; a change made through this server applies at once, one made through
 another server as soon as the registry's announcement arrives (pub/sub), and within the TTL if it
-never does. While the registry is unreachable the last known quota is used.
+never does. While the registry is unreachable the last known quota is used. A stored quota that
+is corrupt (a field that is not JSON or not valid, a record of the wrong type) counts as no
+override for what is bad: the server's defaults apply there, and the bad key is logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from prefix_registry.errors import RegistryUnavailableError, TenantNotFoundError
+from prefix_registry.errors import RegistryError, RegistryUnavailableError, TenantNotFoundError
 from prefix_registry.quotas import StorageLimits, TenantQuota
 from prefix_registry.store import PrefixStore
 from server.engine.request import TenantShare
 from server.settings import Settings
+
+log = logging.getLogger("prefix_serve.quotas")
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,11 @@ class QuotaCache:
         except TenantNotFoundError:
             self._entries.pop(tenant, None)
             raise
+        except RegistryUnavailableError:
+            raise
+        except RegistryError as exc:  # a corrupt record (say, of the wrong Redis type)
+            log.warning("tenant %r: using the default quota: %s", tenant, exc)
+            overrides = TenantQuota()
         quota = self.defaults.over(overrides)
         # A change announced while this read was in flight may not be in it: use it, read again.
         fresh = generation == self._generation

@@ -1,69 +1,87 @@
-"""Tokens per minute per tenant: a token bucket that lets a tenant spend one minute's tokens at
-once and refills continuously at its rate.
+"""Tokens per minute per tenant, reserved at admission and settled when the request ends.
 
-Tokens are counted as they are used (generated tokens as they stream, prompt tokens when the
-request finishes), so a request is admitted while its tenant has at least one token left, and the
-bucket may go below zero by what the running requests use; the tenant then waits until it has
-refilled.
-Averaged over minutes a tenant never exceeds its rate; its bursts are bounded by one minute's
-tokens plus what its running requests use. Counted per server process.
+A request reserves its prompt tokens plus `max_new_tokens` before it reaches the engine, and is
+refused (429 `rate_limited`, with Retry-After) unless its tenant's bucket holds all of it, or
+is full for a request larger than one minute's tokens (the rule: prefix_registry/token_buckets.py).
+When the request ends, whatever ended it (finished, stopped early, cancelled by a client that
+hung up, failed), what it did not use is given back. The charge is taken before the first token
+exists, so it never depends on the client reading its stream; a request whose end is never seen
+keeps its whole reservation charged.
+
+The buckets live in the registry's Redis when there is one (every server process shares them,
+atomically); in this process otherwise, and, while Redis is unreachable, in this process too (a
+reservation is given back where it was taken).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from prefix_registry.errors import RegistryUnavailableError
+from prefix_registry.redis_store import RedisStore
+from prefix_registry.store import PrefixStore
+from prefix_registry.token_buckets import LocalTokenBuckets, Taken, TokenBuckets
 from server.errors import RateLimitedError
 
+log = logging.getLogger("prefix_serve.quotas")
 
-@dataclass
-class _Bucket:
+
+@dataclass(frozen=True)
+class Reservation:
+    """Tokens one request took from its tenant's bucket at admission."""
+
+    tenant: str
     per_minute: int
-    level: float  # tokens left; below zero after a burst
-    at: float  # clock time of `level`
-
-    def refill(self, now: float, per_minute: int) -> None:
-        capacity = float(per_minute)
-        self.level = min(capacity, self.level + (now - self.at) * per_minute / 60.0)
-        self.per_minute, self.at = per_minute, now
+    tokens: int
+    buckets: TokenBuckets  # where they were taken (and go back)
 
 
 class TokenRateLimiter:
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._buckets: dict[str, _Bucket] = {}  # tenants with a limit only
+    def __init__(self, shared: TokenBuckets | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.local = LocalTokenBuckets(clock)
+        self._shared = shared
 
-    def check(self, tenant: str, per_minute: int | None) -> None:
-        """Raise RateLimitedError (429 with Retry-After) while `tenant` has less than one token."""
+    async def reserve(self, tenant: str, per_minute: int | None, tokens: int
+                      ) -> Reservation | None:
+        """Take `tokens` from `tenant`'s bucket, or raise RateLimitedError; None: no limit."""
         if per_minute is None:
-            self._buckets.pop(tenant, None)
-            return
-        now = self._clock()
-        bucket = self._buckets.get(tenant)
-        if bucket is None:
-            bucket = self._buckets[tenant] = _Bucket(per_minute, float(per_minute), now)
-        bucket.refill(now, per_minute)
-        if bucket.level < 1:
-            wait_s = (1.0 - bucket.level) * 60.0 / per_minute  # until one token is back
+            return None
+        buckets, taken = await self._take(tenant, per_minute, tokens)
+        if not taken.granted:
+            wait_s = taken.wait_s(tokens, per_minute)
             raise RateLimitedError(
-                f"tenant {tenant!r} used its {per_minute} tokens per minute; retry in "
+                f"tenant {tenant!r} used its {per_minute} tokens per minute (this request "
+                f"reserves {tokens}: prompt + max new tokens); retry in "
                 f"{max(1, math.ceil(wait_s))} s", retry_after=wait_s,
             )
+        return Reservation(tenant, per_minute, tokens, buckets)
 
-    def charge(self, tenant: str, tokens: int) -> None:
-        """`tenant` used `tokens` more (no-op for a tenant without a limit)."""
-        bucket = self._buckets.get(tenant)
-        if bucket is not None and tokens > 0:
-            bucket.refill(self._clock(), bucket.per_minute)
-            bucket.level -= tokens
+    async def settle(self, reservation: Reservation, used: int) -> None:
+        """The request ended having used `used` tokens: give back the rest of its reservation."""
+        unused = reservation.tokens - used
+        if unused == 0:
+            return
+        try:
+            await reservation.buckets.give(reservation.tenant, reservation.per_minute, unused)
+        except RegistryUnavailableError as exc:  # the tenant is overcharged, never undercharged
+            log.warning("could not return %d unused tokens of tenant %r: %s", unused,
+                        reservation.tenant, exc)
 
-    def level(self, tenant: str) -> float | None:
-        """Tokens `tenant` has left now (None: no limit)."""
-        bucket = self._buckets.get(tenant)
-        if bucket is None:
-            return None
-        bucket.refill(self._clock(), bucket.per_minute)
-        return bucket.level
+    async def _take(self, tenant: str, per_minute: int, tokens: int
+                    ) -> tuple[TokenBuckets, Taken]:
+        if self._shared is not None:
+            try:
+                return self._shared, await self._shared.take(tenant, per_minute, tokens)
+            except RegistryUnavailableError:
+                pass  # generation goes on without the registry; this process counts meanwhile
+        return self.local, await self.local.take(tenant, per_minute, tokens)
+
+
+def rate_limiter_for(store: PrefixStore) -> TokenRateLimiter:
+    """Shared buckets when `store` is the Redis registry, this process's otherwise."""
+    return TokenRateLimiter(store.token_buckets() if isinstance(store, RedisStore) else None)

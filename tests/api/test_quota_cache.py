@@ -19,8 +19,6 @@ from prefix_registry.local_store import LocalStore
 from prefix_registry.quotas import TenantQuota
 from prefix_registry.redis_store import RedisStore
 from server.api.quotas import Quota, QuotaCache
-from server.api.rate_limit import TokenRateLimiter
-from server.errors import RateLimitedError
 from tests.redis_procs import free_port
 
 
@@ -137,30 +135,3 @@ async def test_the_last_quota_is_used_while_the_registry_is_down(
             await cache.get("beta")  # never read: nothing to fall back on here
     finally:
         await store.close()
-
-
-def test_tokens_per_minute_refill_over_time() -> None:
-    clock = Clock()
-    limiter = TokenRateLimiter(clock)
-    limiter.check("acme", 60)  # one token per second, a minute's worth to start with
-    limiter.charge("acme", 90)  # a burst: 30 tokens of debt
-    with pytest.raises(RateLimitedError) as refused:
-        limiter.check("acme", 60)
-    assert refused.value.retry_after == pytest.approx(31.0)  # until one token is back
-    assert refused.value.status_code == 429 and refused.value.type == "rate_limited"
-    clock.now += 30.5
-    with pytest.raises(RateLimitedError):
-        limiter.check("acme", 60)
-    clock.now += 1.0
-    limiter.check("acme", 60)  # 1.5 tokens left
-    assert limiter.level("acme") == pytest.approx(1.5)
-    clock.now += 3600
-    assert limiter.level("acme") == 60.0  # never more than a minute's worth
-    limiter.check("acme", 10)  # a lower limit caps what is left
-    assert limiter.level("acme") == 10.0
-    limiter.check("acme", None)  # the limit is gone: nothing is counted any more
-    limiter.charge("acme", 10**6)
-    limiter.check("acme", None)
-    assert limiter.level("acme") is None
-    limiter.check("beta", 5)  # each tenant its own bucket
-    assert limiter.level("beta") == 5.0

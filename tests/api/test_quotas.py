@@ -106,25 +106,38 @@ async def test_quota_routes_refuse_bad_calls(server: Served) -> None:
 
 
 async def test_requests_carry_the_tenant_share_without_a_registry_read_each(
-    server: Served, monkeypatch: pytest.MonkeyPatch
+    make_settings: SettingsFactory, loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client, store = server.client, server.services.store
-    key = await create_tenant(client, "acme")
-    await patch(client, "acme", weight=3, max_running=2, max_queued=5)
-    reads = []
-    real_get_quota = store.get_quota
+    """Once the PATCH's own announcement has come back over pub/sub, requests use the cached
+    quota: at most one registry read for five requests, not one each. The announcement may come
+    before the PATCH's `remember()` (no read) or after it (it expires the entry: one read of the
+    same quota); both are right. The TTL is long, so a slow machine does not expire it."""
+    async with serve(make_settings(tenant_quota_ttl_s=3600), loaded) as server:
+        client, store = server.client, server.services.store
+        key = await create_tenant(client, "acme")
+        announced = asyncio.Event()
+        # Subscribers are called in the order they subscribed: the server's cache came first.
+        own = await store.subscribe(lambda tenant, name: None, on_quota=lambda t: announced.set())
+        try:
+            await patch(client, "acme", weight=3, max_running=2, max_queued=5)
+            await asyncio.wait_for(announced.wait(), timeout=60)
+        finally:
+            own.close()
+        reads = []
+        real_get_quota = store.get_quota
 
-    async def counted(tenant: str) -> Any:
-        reads.append(tenant)
-        return await real_get_quota(tenant)
+        async def counted(tenant: str) -> Any:
+            reads.append(tenant)
+            return await real_get_quota(tenant)
 
-    monkeypatch.setattr(store, "get_quota", counted)
-    seen = spy_submits(server)
-    body = {"prompt": "hello world", "max_new_tokens": 2}
-    for _ in range(5):
-        assert (await client.post("/generate", headers=auth(key), json=body)).status_code == 200
-    assert [s.tenant for s in seen] == [TenantShare("acme", 3.0, 2, 5)] * 5
-    assert reads == []  # the PATCH through this server already told the cache
+        monkeypatch.setattr(store, "get_quota", counted)
+        seen = spy_submits(server)
+        body = {"prompt": "hello world", "max_new_tokens": 2}
+        for _ in range(5):
+            response = await client.post("/generate", headers=auth(key), json=body)
+            assert response.status_code == 200
+        assert [s.tenant for s in seen] == [TenantShare("acme", 3.0, 2, 5)] * 5
+        assert reads in ([], ["acme"])  # at most once, after the announcement
 
 
 async def _weight_changed_elsewhere(

@@ -19,7 +19,7 @@ from ray import serve
 from server.app import create_app
 from server.models.loader import LoadedModel
 from server.serve_ray.messages import ReplicaInfo
-from tests.api.helpers import auth, parse_sse, prefix_tensors, safetensors_file
+from tests.api.helpers import ADMIN_KEY, auth, parse_sse, prefix_tensors, safetensors_file
 from tests.serve_ray.conftest import RayServed
 
 HEADER = "x-prefix-serve-replica"
@@ -80,41 +80,49 @@ async def test_a_prefix_stays_on_its_replica_and_prefixes_use_both(
     for name in names:  # each replica's own engine counters, asked through the prefix it holds
         info = await _replica_holding(f"acme/{name}@1", home[name])
         assert info.stats.tokens_generated > 0
-    metrics = await client.get("/metrics")
+    metrics = await client.get("/metrics", headers=auth(ADMIN_KEY))
     assert metrics.status_code == 200 and "prefix_serve_requests" in metrics.text
 
 
 async def test_uploads_and_deletes_reach_every_ingress_within_a_second(
     ray_served: RayServed, client: httpx.AsyncClient, loaded: LoadedModel
 ) -> None:
+    """After an upload, what is served is the new version's output (greedy text equal to the
+    same tensors' under a name never used before), not only the version number reported."""
     key = ray_served.key
     assert await _upload(client, key, loaded, "fresh", seed=1) == 1
-    for _ in range(6):  # both ingress replicas cache version 1
-        assert (await _generate(client, key, "fresh")).json()["prefix"]["version"] == 1
+    for _ in range(6):  # both ingress replicas cache version 1; a replica loads it
+        served = (await _generate(client, key, "fresh")).json()
+        assert served["prefix"]["version"] == 1
+    await _upload(client, key, loaded, "fresh-reference", seed=2)
+    expected = (await _generate(client, key, "fresh-reference")).json()["text"]
+    assert expected != served["text"], "seeds 1 and 2 must give different outputs"
     assert await _upload(client, key, loaded, "fresh", seed=2) == 2
     uploaded = time.monotonic()
-    seen = await _versions_until(client, key, "fresh", uploaded + 1.0)
+    seen = await _served_until(client, key, "fresh", uploaded + 1.0)
     late = [v for t, v in seen if t >= uploaded + 1.0]
-    assert late and set(late) == {2}, seen
-    first_v2 = min(t for t, v in seen if v == 2) - uploaded
+    assert late and set(late) == {(2, expected)}, seen
+    first_v2 = min(t for t, v in seen if v == (2, expected)) - uploaded
     deleted = await client.delete("/admin/prefixes/fresh", headers=auth(key))
     assert deleted.status_code == 200, deleted.text
     gone = time.monotonic()
-    seen = await _versions_until(client, key, "fresh", gone + 1.0)
-    assert {v for t, v in seen if t >= gone + 1.0} == {404}, seen
+    seen = await _served_until(client, key, "fresh", gone + 1.0)
+    assert {v for t, v in seen if t >= gone + 1.0} == {(404, "")}, seen
     print(f"\nnew version served {first_v2 * 1000:.0f} ms after the upload returned")
 
 
-async def _versions_until(client: httpx.AsyncClient, key: str, name: str, until: float
-                          ) -> list[tuple[float, int]]:
-    """(time, version or HTTP status) of requests until `until`, and 6 more after it."""
-    seen: list[tuple[float, int]] = []
+async def _served_until(client: httpx.AsyncClient, key: str, name: str, until: float
+                        ) -> list[tuple[float, tuple[int, str]]]:
+    """(time, (version, greedy text)) of requests until `until`, and 6 more after it; a
+    refused request is (HTTP status, "")."""
+    seen: list[tuple[float, tuple[int, str]]] = []
     while len([t for t, _ in seen if t >= until]) < 6:
         started = time.monotonic()
-        response = await _generate(client, key, name, max_new_tokens=1)
+        response = await _generate(client, key, name)
+        body = response.json()
         ok = response.status_code == 200
-        seen.append((started, response.json()["prefix"]["version"] if ok else
-                     response.status_code))
+        seen.append((started, (body["prefix"]["version"], body["text"]) if ok else
+                     (response.status_code, "")))
     return seen
 
 

@@ -13,6 +13,14 @@ always tested:
   unused tail of the prefix's last block. (A long row among short ones would otherwise add many
   small items; alone it is one matrix product per head, measured ~2x cheaper here.)
 Exact up to floating-point summation order: every row reads exactly its own keys.
+
+KV hygiene, by construction (docs/security.md): a slot a row does not own (the unused tail of a
+block, a slot another request wrote before the block was freed) is *selected out*: its score is
+-inf and its key/value are replaced by zeros before any product, so whatever it holds (NaN, inf,
+another tenant's data) cannot reach the row (a zero weight times NaN would still be NaN). And
+every weighted sum of values uses weights that are already normalised (they sum to 1), as flash
+attention's online softmax does, so huge but finite values cannot overflow where the softmax
+itself would not.
 """
 
 from __future__ import annotations
@@ -50,6 +58,8 @@ class _Singles:
     item_row: torch.Tensor  # [N] which row reads block item_block[i]
     item_block: torch.Tensor  # [N]
     item_valid: torch.Tensor  # [N, bs] bool: slots of that block the row sees
+    unowned_item: torch.Tensor  # [U] with unowned_slot: the (item, slot) pairs the row does not
+    unowned_slot: torch.Tensor  # own (the tail of a segment's last block); their values are zeroed
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,7 @@ class _Chunk:
     tokens: slice  # the row's queries in the packed batch
     blocks: torch.Tensor  # [nb] its prefix blocks, then its own
     visible: torch.Tensor  # [q, nb * bs] bool
+    unowned: tuple[slice, slice]  # slots no query may read: the prefix's and its own block tails
 
 
 @dataclass(frozen=True)
@@ -113,7 +124,8 @@ def _singles(rows: list[RowLayout], bs: int, device: torch.device) -> _Singles |
     items = host.to(device, non_blocking=True)
     tokens = torch.tensor([r.query_start for r in rows], dtype=torch.long).to(device)
     valid = torch.arange(bs, device=device)[None, :] < items[2][:, None]
-    return _Singles(tokens, items[0], items[1], valid)
+    unowned = torch.nonzero(torch.arange(bs)[None, :] >= count[:, None]).T.to(device)  # [2, U]
+    return _Singles(tokens, items[0], items[1], valid, unowned[0], unowned[1])
 
 
 def _chunk(row: RowLayout, bs: int, device: torch.device) -> _Chunk:
@@ -129,8 +141,9 @@ def _chunk(row: RowLayout, bs: int, device: torch.device) -> _Chunk:
         ],
         dim=1,
     )
-    start = row.query_start
-    return _Chunk(slice(start, start + row.query_len), blocks, visible)
+    start, own_from = row.query_start, len(row.prefix_blocks) * bs
+    unowned = (slice(row.prefix_len, own_from), slice(own_from + row.own_len, None))
+    return _Chunk(slice(start, start + row.query_len), blocks, visible, unowned)
 
 
 def _attend_singles(
@@ -140,8 +153,9 @@ def _attend_singles(
     rows, heads, hd = q.shape
     kv_heads = k_pool.shape[1]
     group = heads // kv_heads
-    keys = k_pool.index_select(0, s.item_block)  # [N, H_kv, bs, hd]
+    keys = k_pool.index_select(0, s.item_block)  # [N, H_kv, bs, hd] (fresh copies)
     values = v_pool.index_select(0, s.item_block)
+    values[s.unowned_item, :, s.unowned_slot] = 0  # select: what they hold never multiplies
     qi = q.view(rows, kv_heads, group, hd).index_select(0, s.item_row)  # [N, H_kv, G, hd]
     scores = (qi @ keys.transpose(-1, -2)).float() * scale  # [N, H_kv, G, bs]
     scores = scores.masked_fill(~s.item_valid[:, None, None, :], float("-inf"))
@@ -150,9 +164,12 @@ def _attend_singles(
     top = top.scatter_reduce(0, index, scores.amax(dim=-1), "amax")  # [R, H_kv, G]
     weights = torch.exp(scores - top[s.item_row][..., None])  # [N, H_kv, G, bs]
     total = torch.zeros_like(top).index_add_(0, s.item_row, weights.sum(dim=-1))
+    # Normalised before they multiply values: a row's weights sum to 1, so every output is a
+    # convex combination of its values and cannot overflow where they do not.
+    weights = weights / total[s.item_row][..., None]
     partial = (weights.to(values.dtype) @ values).float()  # [N, H_kv, G, hd]
     out = torch.zeros(rows, kv_heads, group, hd, device=q.device).index_add_(0, s.item_row, partial)
-    return (out / total[..., None]).view(rows, heads, hd).to(q.dtype)
+    return out.view(rows, heads, hd).to(q.dtype)
 
 
 def _attend_chunk(
@@ -167,15 +184,33 @@ def _attend_chunk(
     index = (c.blocks[None, :] * kv_heads + heads[:, None]).reshape(-1)
     keys = k_pool.view(-1, bs, hd).index_select(0, index).view(kv_heads, -1, hd)  # [H_kv, S, hd]
     values = v_pool.view(-1, bs, hd).index_select(0, index).view(kv_heads, -1, hd)
+    for gap in c.unowned:  # select: SDPA adds -inf to a masked score, and NaN + -inf is NaN
+        keys[:, gap] = 0
+        values[:, gap] = 0
     if q.shape[0] == 1:  # a long decoding row: one matrix-vector product per KV head
         scores = (q.view(kv_heads, -1, hd) @ keys.transpose(1, 2)).float() * scale  # [H_kv, G, S]
         weights = scores.masked_fill(~c.visible, float("-inf")).softmax(dim=-1)
         return (weights.to(values.dtype) @ values).view(1, -1, hd)
+    shrink = _shrink(values)
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1)[None], keys[None], values[None], attn_mask=c.visible[None, None],
-        scale=scale, enable_gqa=q.shape[1] != kv_heads,
+        q.transpose(0, 1)[None], keys[None], values.div_(shrink)[None],
+        attn_mask=c.visible[None, None], scale=scale, enable_gqa=q.shape[1] != kv_heads,
     )  # [1, H, q, hd]
-    return out[0].transpose(0, 1)
+    return out[0].transpose(0, 1).mul_(shrink)
+
+
+def _shrink(values: torch.Tensor) -> torch.Tensor:
+    """A power of two (a 0-d tensor, >= 1) to divide values [H_kv, S, hd] by before SDPA.
+
+    SDPA's kernels sum exp(score - running max) * value before they divide by the weights' sum,
+    up to S * max|v|, which overflows float32 where the normalised output does not. Dividing by
+    a power of two is exact, and it is 1 unless that sum could come near the accumulator's max.
+    """
+    accumulator = torch.promote_types(values.dtype, torch.float32)
+    room = torch.finfo(accumulator).max / 4
+    largest = torch.linalg.vector_norm(values, ord=float("inf"), dtype=accumulator)
+    need = (largest / room * values.shape[1]).clamp(min=1)  # divided first: no overflow
+    return torch.exp2(torch.ceil(torch.log2(need))).to(values.dtype)
 
 
 def choose_backend(name: str, device: torch.device) -> AttentionBackend:
