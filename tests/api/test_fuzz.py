@@ -21,10 +21,19 @@ SCHEMATHESIS = shutil.which("schemathesis") or shutil.which("st")
 
 @pytest.fixture
 def live(make_settings: SettingsFactory, loaded: LoadedModel) -> Iterator[LiveServer]:
-    # Short generations keep the fuzzed /generate calls cheap; the queue never refuses them.
-    with live_server(make_settings(max_queue=64, max_batch_size=4), loaded) as server:
+    # Short generations keep the fuzzed /generate calls cheap: max_seq_len bounds a request's
+    # prefix + prompt + output at 64 tokens (a fuzzed max_new_tokens of 10**6 is refused with a
+    # 400, as it would be anywhere), so no call generates the model's whole context. The queue
+    # never refuses them.
+    settings = make_settings(max_queue=64, max_batch_size=4, max_seq_len=64)
+    with live_server(settings, loaded) as server:
         yield server
 
+
+# One request at a time (concurrent workers only queue behind each other on a 2-core machine),
+# each allowed a minute: schemathesis's default of 10 s failed on a busy machine. A hung request
+# still fails the run, and so does the whole run past its 240 s.
+REQUEST_TIMEOUT_S = 60
 
 # (caller, extra arguments): every operation briefly as either caller, then /generate in depth
 # (its sampling fields reach the engine: a vanishing temperature once killed it).
@@ -48,7 +57,7 @@ def test_no_request_gets_a_server_error(live: LiveServer, run_name: str) -> None
         str(SCHEMATHESIS), "run", f"{live.url}/openapi.json",
         "-H", f"Authorization: Bearer {key}",
         "--checks", "not_a_server_error", "--seed", "1", "--phases", "coverage,fuzzing",
-        "--no-color", *extra,
+        "--no-color", "--workers", "1", "--request-timeout", str(REQUEST_TIMEOUT_S), *extra,
     ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
