@@ -64,6 +64,9 @@ class EngineCollector(Collector):
         service = data.get("tenant_service")
         if isinstance(service, dict):
             yield self._tenant_service(service)
+        preempted = data.get("tenant_preemptions")
+        if isinstance(preempted, dict):
+            yield self._tenant_preemptions(preempted)
 
     def _tenant_service(self, service: dict[str, float]) -> Metric:
         family = GaugeMetricFamily(
@@ -71,6 +74,16 @@ class EngineCollector(Collector):
             "(weighted tokens per unit of weight)", labels=["tenant"],
         )
         for tenant, value in sorted(service.items()):
+            if tenant and self._known(tenant):
+                family.add_metric([tenant], float(value))
+        return family
+
+    def _tenant_preemptions(self, preempted: dict[str, int]) -> Metric:
+        family = CounterMetricFamily(
+            "prefix_serve_tenant_preemptions", "each tenant's running requests preempted for KV "
+            "blocks (its own growth, or it held the most blocks)", labels=["tenant"],
+        )
+        for tenant, value in sorted(preempted.items()):
             if tenant and self._known(tenant):
                 family.add_metric([tenant], float(value))
         return family

@@ -65,6 +65,7 @@ class EngineStats:
     kv_cache_bytes: int = 0
     preemptions: int = 0
     tenant_service: dict[str, float] = field(default_factory=dict)  # fairness counters
+    tenant_preemptions: dict[str, int] = field(default_factory=dict)  # tenant -> preempted
 
 
 def make_queue(config: EngineConfig) -> WaitQueue:

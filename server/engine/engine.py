@@ -118,6 +118,7 @@ class Engine:
             kv_blocks_prefix=blocks.prefix, kv_block_size=self.blocks.block_size,
             kv_cache_bytes=self.pool.nbytes, preemptions=self.scheduler.preemptions,
             tenant_service=self.scheduler.queue.counters(),
+            tenant_preemptions=dict(self.scheduler.tenant_preemptions),
         )
 
     async def shutdown(self, grace_s: float) -> None:

@@ -22,9 +22,14 @@ about twice a prompt token (it needs its own forward step, while a prompt is com
 
 The scheduler's side of the contract, per request:
 `add(request, eligible)` on arrival -> `next(eligible)` to peek -> `admitted` when it takes the
-request -> `generated` for every token it makes; `requeue` when it is preempted (it goes back
-first in its tenant's line and is not charged again); `remove` when it is cancelled while
-waiting.
+request -> `generated` for every token it makes; `recomputed` and `requeue` when it is preempted
+(the tokens it must compute again are charged to its tenant at `prompt_weight`, and it goes back
+first in its tenant's line without a new charge for its prompt); `remove` when it is cancelled
+while waiting.
+
+Charging the recompute keeps preemption churn inside the bound: a tenant whose growth forces
+preemptions (the scheduler preempts within the tenant that needs the memory, or the tenant that
+holds the most) pays for the work done twice, so it is not served again ahead of the others.
 `eligible` is meant per tenant (e.g. "below its running cap"): a tenant's requests are offered
 in its own order, so a tenant's later request never overtakes its earlier one.
 """
@@ -77,6 +82,11 @@ class WaitQueue(Protocol):
 
     def generated(self, request: Request, tokens: int) -> None:
         """`request`, running, made `tokens` more output tokens (they are charged)."""
+        ...
+
+    def recomputed(self, request: Request, tokens: int) -> None:
+        """`request` was preempted with `tokens` computed: it computes them again, charged to
+        its tenant at the prompt weight (they are computed in bulk, like a prompt)."""
         ...
 
     def __len__(self) -> int: ...
@@ -145,6 +155,11 @@ class _Queue:
         if tokens < 0:
             raise ValueError(f"generated tokens must be >= 0, got {tokens}")
         self._charge(request, self.output_weight * tokens)
+
+    def recomputed(self, request: Request, tokens: int) -> None:
+        if tokens < 0:
+            raise ValueError(f"recomputed tokens must be >= 0, got {tokens}")
+        self._charge(request, self.prompt_weight * tokens)
 
     def __len__(self) -> int:
         return len(self._members)

@@ -5,8 +5,15 @@ Every step is one packed forward of at most `max_tokens` tokens: first one token
 running request that is decoding (oldest first), then prompt chunks of running requests still
 prefilling, then new requests admitted from the wait queue (whose order is the fairness policy's)
 while the budget, the running cap and the KV blocks allow. A request whose next tokens need a
-block when none is free takes it from the newest running request, which is preempted: its blocks
-are freed and it waits again, first in its tenant's line, to recompute its tokens on return.
+block when none is free takes it from a running request, which is preempted: its blocks are freed
+and it waits again, first in its tenant's line, to recompute its tokens on return.
+
+The tenant that needs the memory pays for it (`_victim`): a request takes blocks from its own
+tenant's newest running request first; only a tenant's newest request may take them from another
+tenant, and only from the tenant that holds the most blocks (its newest request), never from a
+tenant that holds fewer than its own. So one tenant's growth never preempts a lighter tenant's
+request, and the recompute of a preempted request is charged to its own tenant's fairness
+counter (`WaitQueue.recomputed`). Preemptions are counted per tenant (`tenant_preemptions`).
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ class Scheduler:
         self.blocks, self.queue, self.limits = blocks, queue, limits
         self.running: list[Request] = []  # admission order: oldest first
         self.preemptions = 0
+        self.tenant_preemptions: Counter[str] = Counter()  # tenant -> its requests preempted
         self.requeued = 0  # preempted requests waiting to run again
         self._tenant_running: Counter[str] = Counter()
 
@@ -117,21 +125,39 @@ class Scheduler:
         """Plan a running request's next tokens, preempting newer ones for blocks if needed."""
         length = min(request.tokens_left, budget)
         while not self.blocks.grow(request.blocks, request.num_computed + length):
-            victim = self.running[-1]
+            victim = self._victim(request)
             self._preempt(victim, plan)
             if victim is request:
                 return 0
         plan.work.append(Work.next_tokens(request, length))
         return length
 
+    def _victim(self, request: Request) -> Request:
+        """Whom `request` takes blocks from (the module docstring's rule): its own tenant's
+        newest running request; when that is `request` itself, the newest request of the tenant
+        holding the most blocks if it holds more than `request`'s tenant, else `request`."""
+        tenant = request.tenant.name
+        newest: dict[str, Request] = {}  # tenant -> its newest running request
+        held: Counter[str] = Counter()  # tenant -> blocks its running requests hold
+        for running in self.running:
+            newest[running.tenant.name] = running
+            held[running.tenant.name] += len(running.blocks)
+        if newest[tenant] is not request:
+            return newest[tenant]
+        heaviest = max(held, key=lambda name: held[name])
+        return newest[heaviest] if held[heaviest] > held[tenant] else request
+
     def _preempt(self, request: Request, plan: StepPlan) -> None:
         refund = [w for w in plan.work if w.request is request]
         for work in refund:
             plan.work.remove(work)
         self._leave(request)
+        # Its recompute is service its tenant gets again: charged to it, not to the others.
+        self.queue.recomputed(request, request.num_computed)
         request.status, request.num_computed = Status.WAITING, 0
         request.preemptions += 1
         self.preemptions += 1
+        self.tenant_preemptions[request.tenant.name] += 1
         plan.preempted.append(request)
         self.requeued += 1
         self.queue.requeue(request)
