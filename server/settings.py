@@ -43,7 +43,8 @@ class Settings(BaseSettings):
     )
     served_model_name: str | None = Field(
         default=None, description="the base model's name in the OpenAI API",
-        json_schema_extra={"metavar": "NAME", "shown_default": "the --model value"},
+        json_schema_extra={"metavar": "NAME",
+                           "shown_default": "the model directory's name, or the hub id"},
     )
     # --- the HTTP server
     host: str = Field(default="127.0.0.1", description="address to listen on")

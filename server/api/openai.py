@@ -103,7 +103,7 @@ async def models(tenant: GenerationTenant, services: ServicesDep, store: StoreDe
 async def retrieve_model(
     model_id: str, tenant: GenerationTenant, services: ServicesDep, store: StoreDep
 ) -> ModelCard:
-    if model_id == services.model_name:
+    if services.is_base_model(model_id):
         return _base_card(services)
     try:
         meta = await store.get_meta(tenant, model_id)
@@ -137,7 +137,7 @@ async def _respond(
 
 def _prefix_ref(body: _OpenAIRequest, services: Services) -> str | None:
     """None for the base model, else the prefix reference."""
-    return None if body.model == services.model_name else body.model
+    return None if services.is_base_model(body.model) else body.model
 
 
 def _sampling(body: _OpenAIRequest, max_tokens: int) -> SamplingParams:

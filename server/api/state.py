@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefix_registry.store import PrefixStore
@@ -24,6 +25,14 @@ from server.api.resolver import PrefixResolver
 from server.engine.engine import Engine
 from server.models.loader import ModelInfo
 from server.settings import Settings
+
+
+def default_model_name(model: str) -> str:
+    """The base model's name when --served-model-name is not given: a model directory's own
+    name (never the filesystem path), or the hub id as given ("Qwen/Qwen3-0.6B")."""
+    path = Path(model).expanduser()
+    return path.resolve().name if path.is_dir() else model
+
 
 if TYPE_CHECKING:  # prompts -> openai_chat -> state: a runtime import would be a cycle
     from server.api.prompts import PromptEncoder
@@ -73,4 +82,9 @@ class Services:
     @property
     def model_name(self) -> str:
         """The base model's public name (what `/v1/models` lists)."""
-        return self.settings.served_model_name or self.loaded.name
+        return self.settings.served_model_name or default_model_name(self.loaded.name)
+
+    def is_base_model(self, model_id: str) -> bool:
+        """Whether an OpenAI `model` names the base model: its public name, or the --model
+        value itself (a path or hub id, as clients written before the short name send)."""
+        return model_id in (self.model_name, self.loaded.name)

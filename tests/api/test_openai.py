@@ -3,6 +3,8 @@ supported (the official client runs against uvicorn in test_live.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from server.models.loader import LoadedModel
@@ -84,4 +86,8 @@ async def test_chat_without_a_template_is_400(server: Served, loaded: LoadedMode
 
 async def test_models_for_the_operator(server: Served, loaded: LoadedModel) -> None:
     response = await server.client.get("/v1/models", headers=auth(ADMIN_KEY))
-    assert [m["id"] for m in response.json()["data"]] == [loaded.name]
+    short = Path(loaded.name).name  # the model directory's name, not its filesystem path
+    assert [m["id"] for m in response.json()["data"]] == [short] and "/" in loaded.name
+    for model in (short, loaded.name):  # the --model value still names the base model
+        card = await server.client.get(f"/v1/models/{model}", headers=auth(ADMIN_KEY))
+        assert card.json()["id"] == short, card.text
