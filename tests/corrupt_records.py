@@ -11,7 +11,9 @@ restore or another program would leave it. `kind` says what a reader meets:
 - `stored_bytes`: the tenant's stored-bytes counter (uploads within a storage quota);
 - `tenant`: the tenant's record (tenant listing);
 - `key_hash`: the record of the API key `place.key_hash` (authentication with that key);
-- `key_record`: the tenant's record of key `place.key_id` (key listing, revocation, deletion).
+- `key_record`: the tenant's record of key `place.key_id` (key listing, revocation, deletion);
+- `quota`: the tenant's quota record (every request of the tenant; `quotas.py` ignores a field
+  that is not JSON, so the server's default applies).
 """
 
 from __future__ import annotations
@@ -181,6 +183,8 @@ REDIS = [
                _set(lambda p: p.r.hset(p.k.key_hashes, p.key_hash, '{"tenant": "../x"}'))),
     Corruption("redis_key_record_garbage", "redis", "key_record",
                _set(lambda p: p.r.hset(p.k.tenant_keys(p.tenant), p.key_id, "garbage"))),
+    Corruption("redis_quota_value_not_json", "redis", "quota",
+               _set(lambda p: p.r.hset(p.k.quota(p.tenant), "tokens_per_minute", "{garbage"))),
 ]
 
 
@@ -204,6 +208,8 @@ LOCAL = [
                            / f"{p.key_hash}.json", b"garbage")),
     Corruption("local_key_record_garbage", "local", "key_record",
                _local_file(lambda p: p.tenant_dir / "keys" / f"{p.key_id}.json", b"{]")),
+    Corruption("local_quota_not_json", "local", "quota",
+               _local_file(lambda p: p.tenant_dir / "quota.json", b"{garbage")),
 ]
 
 ALL = REDIS + LOCAL

@@ -150,3 +150,24 @@ async def test_a_key_with_a_corrupt_record_is_left_out_of_the_list_and_still_rev
     assert revoked.status_code == 200, revoked.text
     assert (await c.generate("style", key=c.key1)).status_code == 401
     assert (await c.generate("style", key=c.key2)).status_code == 200
+
+
+@pytest.mark.parametrize("corrupted", _cases("quota"), indirect=True)
+async def test_a_quota_record_that_is_not_json_does_not_stop_the_tenant(corrupted: Setup) -> None:
+    c = corrupted
+    assert (await c.generate("style")).status_code == 200
+    assert (await c.client.get("/admin/tenants/acme/quota", headers=ADMIN)).status_code == 200
+
+
+async def test_a_retried_upload_is_answered_with_the_version_it_made(
+        make_settings: SettingsFactory, loaded: LoadedModel) -> None:
+    async with serve(make_settings(), loaded) as served:
+        c = served.client
+        key = (await c.post("/admin/tenants", headers=ADMIN, json={"name": "acme"})).json()
+        data = {"p.safetensors": safetensors_file(prefix_tensors(loaded, seed=1))}
+        first = await upload(c, key["api_key"], "style", data, description="d")
+        again = await upload(c, key["api_key"], "style", data, description="d")
+        assert first.status_code == again.status_code == 201
+        assert again.json() == first.json()  # the same version, the same body
+        detail = await c.get("/admin/prefixes/style", headers=auth(key["api_key"]))
+        assert [v["version"] for v in detail.json()["versions"]] == [1]

@@ -166,6 +166,14 @@ async def test_deleting_a_tenant_revokes_a_key_whose_record_is_corrupt(
     assert await store.tenant_for_key_hash(KEY_HASH) is None
 
 
+@pytest.mark.parametrize("opened", _cases("quota"), indirect=True)
+async def test_a_quota_record_that_is_not_json_counts_as_not_set(
+        opened: tuple[PrefixStore, Place]) -> None:
+    store, _ = opened
+    assert (await store.get_quota("acme")).tokens_per_minute is None
+    assert (await store.get("acme", "style")).meta.name == "style"
+
+
 # ---- idempotent uploads ----------------------------------------------------------------------
 
 async def test_a_retried_upload_answers_with_the_version_it_made(
