@@ -8,6 +8,10 @@ SIGTERM / Ctrl-C: uvicorn stops accepting connections and the app stops admittin
 (503 `shutting_down`) at once; running requests get `--shutdown-grace-s` to finish, after which
 the engine cancels them and the process exits.
 
+Connections are limited by the server stack's protocol (`server/connections.py`): a header read
+timeout, a header size cap (431) and a connection cap that closes the longest-idle connection for
+a new one.
+
 A dead engine never comes back: `/health` turns 503 at once, and (unless
 `--no-exit-on-engine-death`) the server shuts down and exits with status 1, so a restart
 policy (Docker's, systemd's) or a liveness probe brings a fresh process.
@@ -83,6 +87,7 @@ def _serve(settings: Settings, checked: Preflight) -> None:
     import torch
 
     from server.app import create_app, engine_config
+    from server.connections import ConnectionLimits, protocol_class
     from server.engine.engine import Engine
     from server.models.loader import ModelLoadError, load_model
 
@@ -109,6 +114,8 @@ def _serve(settings: Settings, checked: Preflight) -> None:
         app, host=settings.host, port=settings.port, log_config=None, access_log=False,
         log_level=settings.log_level,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s) + 5,
+        http=protocol_class(ConnectionLimits.of(settings, checked.max_connections)),
+        ws="none",  # no WebSocket routes: an Upgrade request is served as plain HTTP
     )
     log.info("listening on http://%s:%d once started", settings.host, settings.port)
     alive = (lambda: engine.alive) if settings.exit_on_engine_death else None

@@ -92,6 +92,13 @@ class TenantQueueFullError(OverloadedError):
     type = "tenant_queue_full"
 
 
+class TooManyUploadsError(OverloadedError):
+    """Prefix uploads are held in memory while they are read and imported: their number is
+    bounded, in all and per tenant (`--max-concurrent-uploads[-per-tenant]`)."""
+
+    type = "too_many_uploads"
+
+
 class CorruptRecordError(RequestError):
     """A record read back from the registry is inconsistent: the server's data is bad, so it is a
     500 (retrying will not help until an operator deletes or re-uploads it), never a 4xx blaming

@@ -4,12 +4,19 @@ In order: the port (bound here and handed to uvicorn, so nothing can take it whi
 loads), the registry (one ping through the same store the server will use), and the model's
 source (`server.models.source`). Each failure is a `StartupError` naming its flag and variable;
 `prefix-serve` prints it as one line and exits with status 2.
+
+The open-files limit is fitted to `--max-connections` here too: the soft limit is raised toward
+the hard one as far as the connections and a reserve for everything else need; where even the
+hard limit is too low, the connection cap is lowered to fit, with a warning, rather than let
+`accept` fail with EMFILE (which stops every new connection, `/health` included).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
+import resource
 import socket
 from dataclasses import dataclass
 
@@ -17,7 +24,9 @@ from server.cli_args import env_var, flag
 from server.models.source import ModelSource, ModelSourceError, check_model_source
 from server.settings import Settings
 
+log = logging.getLogger("prefix_serve.server")
 REGISTRY_TIMEOUT_S = 3.0
+FD_RESERVE = 256  # files besides client connections: model files, threads, logs, listeners
 
 
 class StartupError(Exception):
@@ -40,6 +49,7 @@ class StartupError(Exception):
 class Preflight:
     sock: socket.socket  # bound, not yet listening: uvicorn listens once the app is ready
     source: ModelSource
+    max_connections: int  # --max-connections, lowered if the open-files limit cannot hold it
 
 
 def preflight(settings: Settings) -> Preflight:
@@ -51,7 +61,7 @@ def preflight(settings: Settings) -> Preflight:
     except BaseException:
         sock.close()
         raise
-    return Preflight(sock, source)
+    return Preflight(sock, source, fit_open_files(settings))
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -105,3 +115,25 @@ def check_model(model: str) -> ModelSource:
         return check_model_source(model)
     except ModelSourceError as exc:
         raise StartupError("model", str(exc)) from exc
+
+
+def fit_open_files(settings: Settings) -> int:
+    """The connection cap this process can hold open: RLIMIT_NOFILE's soft limit is raised as
+    far as needed (up to the hard limit); if that is not enough, the cap is lowered to fit."""
+    reserve = FD_RESERVE + settings.redis_max_connections
+    needed = settings.max_connections + reserve
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return settings.max_connections
+    fitted = max(soft - reserve, 8)
+    log.warning("%s (%d) does not fit the open-files limit (%d, of which %d are kept for the "
+                "rest): serving at most %d connections; raise `ulimit -n` to allow more",
+                flag("max_connections"), settings.max_connections, soft, reserve, fitted)
+    return fitted

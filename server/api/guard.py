@@ -8,7 +8,9 @@ routers: for the routes that need a key (`/generate`, `/v1/*`, `/admin/*`), the 
 header is checked first (401/403/503 without reading a byte of the body), the declared
 `Content-Length` is checked against the route's limit, and the body is counted as it streams in:
 past the limit the route fails with 413, and a body not complete within `--body-timeout-s` with
-408. The principal found here is what the routes' `PrincipalDep` returns.
+408. An upload also takes one of the concurrent upload slots first (429 `too_many_uploads` when
+its tenant's or the server's are all taken), held until its response is done. The principal
+found here is what the routes' `PrincipalDep` returns.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.auth import Principal
 from server.api.errors import error_response, to_serve_error
+from server.api.uploads import UploadSlots
 from server.errors import PayloadTooLargeError, ServeError
 
 PROTECTED = ("/generate", "/v1/", "/admin/")
@@ -37,6 +40,7 @@ class BodyError(HTTPException):
 class RequestGuard:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._uploads: UploadSlots | None = None  # made from the settings on first upload
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = _services(scope)
@@ -47,6 +51,7 @@ class RequestGuard:
             principal = await services.auth.authenticate(_header(scope, b"authorization"))
             limit = _limit(scope, services.settings)
             _check_declared(scope, limit)
+            uploader = self._take_upload_slot(scope, services.settings, principal)
         except Exception as exc:
             error = to_serve_error(exc)
             if error is None:
@@ -55,7 +60,23 @@ class RequestGuard:
             return
         scope.setdefault("state", {})[PRINCIPAL] = principal
         body = _BoundedBody(receive, limit, services.settings.body_timeout_s)
-        await self.app(scope, body.receive, send)
+        try:
+            await self.app(scope, body.receive, send)
+        finally:
+            if uploader is not None and self._uploads is not None:
+                self._uploads.give_back(uploader)
+
+    def _take_upload_slot(self, scope: Scope, settings: Any, principal: Principal) -> str | None:
+        """For an upload, hold one of the concurrent upload slots (429 when none is free);
+        returns whose slot it is, or None for any other request."""
+        if (scope["method"], scope["path"].rstrip("/")) != UPLOAD:
+            return None
+        if self._uploads is None:
+            self._uploads = UploadSlots(settings.max_concurrent_uploads,
+                                        settings.max_concurrent_uploads_per_tenant)
+        uploader = principal.tenant or "(operator)"
+        self._uploads.take(uploader)
+        return uploader
 
 
 def principal_of(scope: Scope) -> Principal | None:

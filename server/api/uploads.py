@@ -4,10 +4,14 @@ FastAPI's form parsing reads the whole body first; here `Content-Length` is chec
 the bytes are counted chunk by chunk as `request.stream()` yields them, fed to python-multipart's
 streaming parser. Going over the limit raises 413 at once: the rest of the body is never read.
 Prefix files are a few MB at most, so the parts are kept in memory (bounded by the same limit).
+Because each upload holds its bytes in memory until it is imported, `UploadSlots` bounds how many
+run at once, in all and per tenant; `RequestGuard` takes a slot before a byte of the body is read
+and gives it back when the response is done.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 
 from python_multipart.exceptions import MultipartParseError
@@ -15,13 +19,41 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from prefix_registry.errors import excerpt
-from server.errors import InvalidRequestError, PayloadTooLargeError
+from server.errors import InvalidRequestError, PayloadTooLargeError, TooManyUploadsError
 
 TEXT_FIELDS = ("name", "description", "tenant")
 FILE_FIELD = "file"
 MAX_PARTS = 64
 MAX_TEXT_BYTES = 64 * 1024
 MAX_FILENAME_CHARS = 128
+UPLOAD_RETRY_AFTER_S = 2.0  # an upload of a few MiB is read and imported in about a second
+
+
+class UploadSlots:
+    """Uploads in progress: at most `total` at once, and `per_tenant` of any one tenant."""
+
+    def __init__(self, total: int, per_tenant: int) -> None:
+        self.total, self.per_tenant = total, per_tenant
+        self.running: Counter[str] = Counter()  # tenant -> uploads in progress
+
+    def take(self, tenant: str) -> None:
+        """Hold a slot for `tenant`, or raise TooManyUploadsError (429, Retry-After)."""
+        if self.running[tenant] >= self.per_tenant:
+            raise TooManyUploadsError(
+                f"tenant {tenant!r} already has {self.per_tenant} uploads in progress; retry "
+                "when one is done", retry_after=UPLOAD_RETRY_AFTER_S,
+            )
+        if sum(self.running.values()) >= self.total:
+            raise TooManyUploadsError(
+                f"the server is reading {self.total} uploads already; retry shortly",
+                retry_after=UPLOAD_RETRY_AFTER_S,
+            )
+        self.running[tenant] += 1
+
+    def give_back(self, tenant: str) -> None:
+        self.running[tenant] -= 1
+        if self.running[tenant] <= 0:
+            del self.running[tenant]
 
 
 @dataclass
