@@ -12,6 +12,7 @@ Exit codes: 0 success; 1 the server answered with an error (or `ready`: not read
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         "With the operator key, --tenant NAME acts for a tenant (generate, upload, list, show, "
         "delete).",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {importlib.metadata.version('prefix-serve')}")
     _tenant_option(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_generate(commands, common)

@@ -8,6 +8,7 @@ the default. This module imports no torch: `prefix-serve --help` and bad flags a
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import types
 import typing
 from collections.abc import Sequence
@@ -42,6 +43,8 @@ def env_var(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG)
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {importlib.metadata.version('prefix-serve')}")
     for name, field in Settings.model_fields.items():
         _add_flag(parser, name, field)
     return parser

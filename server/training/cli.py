@@ -11,6 +11,7 @@ torch and the model code are imported only after the flags are parsed, so `--hel
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="prefix-train", formatter_class=_HelpFormatter,
         description="Train a Prefix-Tuning prefix for a frozen model on a JSONL file, write it "
                     "as a registry artifact, and optionally upload it to a prefix-serve server.")
+    p.add_argument("--version", action="version",
+                   version=f"%(prog)s {importlib.metadata.version('prefix-serve')}")
     io = p.add_argument_group("model, data and output")
     io.add_argument("--model", required=True, help="model directory or Hugging Face id")
     io.add_argument("--train", required=True, type=Path, help="JSONL: {prompt, response} or {text}")
