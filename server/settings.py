@@ -84,6 +84,34 @@ class Settings(BaseSettings):
         "before the registry is asked again (revocations arrive at once over pub/sub; this "
         "bounds them when pub/sub is down)",
     )
+    # --- connections and uploads (docs/security.md)
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=3600, description="a request's line and headers must arrive "
+        "within this many seconds of the connection opening or of the previous response (408 "
+        "and close otherwise)",
+    )
+    max_header_kb: int = Field(
+        default=32, ge=1, le=1024, description="largest request line plus headers (KiB); over "
+        "it, 431 and close",
+    )
+    max_connections: int = Field(
+        default=4096, ge=8, le=1_000_000, description="open connections; at the limit a new "
+        "one closes the longest-idle one, and is refused (503) only when all have a request "
+        "in progress (lowered to fit the open-files limit, logged)",
+    )
+    max_connections_per_ip: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="open connections from one client "
+        "address; beyond, 503 (behind a proxy every client shares the proxy's address)",
+        json_schema_extra={"metavar": "N", "shown_default": "unset: no cap"},
+    )
+    max_concurrent_uploads: int = Field(
+        default=4, ge=1, le=1024, description="prefix uploads read and imported at once (each "
+        "holds up to --max-upload-mb in memory); beyond, 429",
+    )
+    max_concurrent_uploads_per_tenant: int = Field(
+        default=2, ge=1, le=1024, description="prefix uploads of one tenant at once (the "
+        "operator key counts as one tenant); beyond, 429",
+    )
     # --- the engine
     max_batch_size: int = Field(default=256, ge=1, description="most requests running at once")
     max_queue: int = Field(default=1024, ge=1, description="waiting requests before 429")
@@ -233,6 +261,10 @@ class Settings(BaseSettings):
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * MIB)
+
+    @property
+    def max_header_bytes(self) -> int:
+        return self.max_header_kb * 1024
 
     @property
     def kv_cache_bytes(self) -> int | None:
