@@ -108,6 +108,21 @@ class CorruptRecordError(RequestError):
     type = "corrupt_record"
 
 
+class NonFiniteOutputError(RequestError):
+    """The request's own logits came out NaN/inf (its prefix's values overflow the model): it
+    alone fails, and the KV blocks it wrote are zeroed before anyone else gets them."""
+
+    type = "non_finite_output"
+
+
+class CorruptPrefixError(RequestError):
+    """A prefix handed to the engine breaks its invariants (length < 1, tensors that do not
+    hold its length): the server's data is at fault, never the client's; only its request
+    fails."""
+
+    type = "corrupt_prefix"
+
+
 class UnavailableError(ServeError):
     status_code = 503
     type = "unavailable"

@@ -151,6 +151,8 @@ class BlockManager:
     # -- internals ----------------------------------------------------------------------------
 
     def _take(self, n: int) -> list[int]:
+        if n <= 0:  # nothing to take (Engine.submit refuses a prefix of length < 1 anyway)
+            return []
         while len(self._free) < n:
             self._evict_one()
         taken = [heapq.heappop(self._free) for _ in range(n)]

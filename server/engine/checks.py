@@ -1,5 +1,6 @@
 """What `Engine.submit` refuses before a request ever runs: bad sampling values, empty or
-out-of-vocabulary prompts, and work that cannot fit the slot / the model's context.
+out-of-vocabulary prompts, work that cannot fit the slot / the model's context, and a prefix that
+breaks the engine's own invariants (the last is the server's fault: `CorruptPrefixError`).
 
 Every field is checked here again, whatever the HTTP schema already bounded: a value that passes
 `submit` must never fail the engine's step (where one request's error would reach everyone).
@@ -7,14 +8,18 @@ Every field is checked here again, whatever the HTTP schema already bounded: a v
 
 from __future__ import annotations
 
+import logging
 import math
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
 from server.engine.fairness import check_share
 from server.engine.memory import PoolPlan
 from server.engine.request import EngineRequest, SamplingParams, TenantShare
-from server.errors import ContextLengthError, InvalidRequestError
+from server.errors import ContextLengthError, CorruptPrefixError, InvalidRequestError
+
+log = logging.getLogger(__name__)
 
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64); negatives not offered
 MAX_STOP_STRINGS = 16  # stop strings per request
@@ -38,6 +43,41 @@ def check_sampling(params: SamplingParams) -> None:
         raise InvalidRequestError(f"seed must be an integer in [0, 2**64), got "
                                   f"{_short(params.seed)}")
     _check_stops(params)
+
+
+def check_prefix(request: EngineRequest) -> None:
+    """The prefix's own invariants, which the block manager and attention rely on: a length
+    >= 1, and tensors of a known form that hold exactly that many tokens. Shapes against the
+    model are checked when its K/V are computed (`prefixes.py`), failing its requests alone."""
+    prefix = request.prefix
+    if prefix is None:
+        return
+    why = _prefix_fault(prefix.form, prefix.prefix_len, prefix.tensors)
+    if why is not None:
+        log.warning("corrupt prefix %r v%s (%s) of tenant %r refused at the engine: %s",
+                    prefix.name, prefix.version, prefix.content_hash[:12], request.tenant.name,
+                    why)
+        raise CorruptPrefixError(f"prefix {prefix.name!r} v{prefix.version} is corrupt: {why}")
+
+
+def _prefix_fault(form: str, length: int, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why these fields cannot be a prefix of `length` tokens (None when they can)."""
+    if not _is_int(length) or length < 1:
+        return f"its length must be an integer >= 1, got {_short(length)}"
+    names = {"p_theta": ("p_theta",), "kv": ("keys", "values")}.get(form)
+    if names is None:
+        return f"unknown form {_short(form)}"
+    held = tensors if isinstance(tensors, dict) else {}
+    found = [t for t in (held.get(n) for n in names) if isinstance(t, torch.Tensor)]
+    if len(found) != len(names):
+        return f"a {form!r} prefix needs the tensors {', '.join(names)}"
+    dims, axis = (3, 1) if form == "p_theta" else (4, 2)  # p_theta [L, P, d]; K/V [L, H, P, hd]
+    for name, tensor in zip(names, found, strict=True):
+        if tensor.dim() != dims or tensor.shape[axis] != length:
+            return f"{name} of shape {list(tensor.shape)} does not hold {length} tokens"
+    if found[0].shape != found[-1].shape:
+        return "keys and values differ in shape"
+    return None
 
 
 def _check_stops(params: SamplingParams) -> None:

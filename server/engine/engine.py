@@ -29,11 +29,12 @@ from server.engine.output import Finish, Item, Live, OutputProcessor, Tokens, us
 from server.engine.prefixes import prefix_keys_values
 from server.engine.request import EngineRequest, FinishReason, Request, now
 from server.engine.runner import Runner
-from server.engine.sampler import make_generator, sample
+from server.engine.sampler import finite_rows, make_generator, sample
 from server.engine.scheduler import Scheduler, SchedulerLimits, StepPlan, Work
 from server.engine.stream import RequestStream
 from server.errors import (
     FatalEngineError,
+    NonFiniteOutputError,
     ServeError,
 )
 from server.models.loader import LoadedModel
@@ -90,6 +91,7 @@ class Engine:
         loop = asyncio.get_running_loop()
         self.intake.check_open()
         checks.check_sampling(spec.sampling)
+        checks.check_prefix(spec)
         ids = checks.prompt_ids(spec, self.loaded.tokenizer, self.loaded.fingerprint.vocab_size)
         checks.check_fits(spec, len(ids), self.pool_plan)
         checks.check_tenant(spec.tenant)
@@ -199,9 +201,34 @@ class Engine:
                     self.first_logits[live.request.request_id] = row.detach().cpu().clone()
         tokens = sample(logits, [live.request.sampling for live in lives],
                         [live.generator for live in lives], self._generator)
-        token_ids: list[int] = tokens.tolist()  # the step's one device -> host sync
+        host = torch.stack([tokens, finite_rows(logits).long()]).tolist()  # the one host sync
         self.forward_s += now() - started
-        return samplers, token_ids
+        return self._drop_non_finite(samplers, host[0], host[1])
+
+    def _drop_non_finite(
+        self, samplers: list[Work], tokens: list[int], finite: list[int]
+    ) -> tuple[list[Work], list[int]]:
+        """Fail the requests whose logits are not finite (theirs alone); the others go on."""
+        if all(finite):
+            return samplers, tokens
+        kept = [(w, t) for w, t, ok in zip(samplers, tokens, finite, strict=True) if ok]
+        for item, ok in zip(samplers, finite, strict=True):
+            if not ok:
+                self._fail_non_finite(self._live[item.request.request_id])
+        return [w for w, _ in kept], [t for _, t in kept]
+
+    def _fail_non_finite(self, live: Live) -> None:
+        """NaN/inf logits mean NaN/inf somewhere in the K/V this request read or wrote: zero
+        its own blocks before they return to the pool, then fail it (docs/security.md)."""
+        request, prefix = live.request, live.request.spec.prefix
+        log.warning("request %s (tenant %r, prefix %r v%s %s) gave non-finite logits: failed, "
+                    "its %d KV blocks zeroed", request.request_id, request.tenant.name,
+                    prefix and prefix.name, prefix and prefix.version,
+                    prefix and prefix.content_hash[:12], len(request.blocks))
+        self.pool.scrub(request.blocks)
+        why = f": prefix {prefix.name!r} overflows the served model" if prefix is not None else ""
+        self._finish(live, FinishReason.ERROR, NonFiniteOutputError(
+            f"the model's output for this request is not finite (NaN/inf){why}"))
 
     def _isolate(self, work: list[Work]) -> tuple[list[Work], list[int]]:
         """Run each request of a failed step alone; those that fail alone fail. When all of them

@@ -6,9 +6,10 @@ slice of a Hugging Face cache. Which block holds what is the block manager's bus
 (`block_manager.py`); this module only holds the tensors and writes prefix K/V into them.
 
 The tensors are allocated uninitialised (so a large pool costs no time and, on CPU, no memory
-until it is used); blocks are zeroed the first time they are handed out (`prepare`), because a
-row's attention multiplies the unused slots of its last block by a zero weight, and zero times
-uninitialised memory may be NaN.
+until it is used); blocks are zeroed the first time they are handed out (`prepare`). Attention
+never reads a slot its row does not own (it selects, `attention/backends.py`), so this is hygiene,
+not what keeps rows apart. The blocks of a request whose output came out non-finite are zeroed
+before they are reused (`scrub`): what it wrote never reaches another request's blocks.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ class KVPool:
             self.keys[:, self._zeroed : high_water].zero_()
             self.values[:, self._zeroed : high_water].zero_()
             self._zeroed = high_water
+
+    def scrub(self, blocks: list[int]) -> None:
+        """Zero `blocks` in every layer (keys and values)."""
+        if blocks:
+            index = torch.tensor(blocks, device=self.keys.device)
+            self.keys.index_fill_(1, index, 0)
+            self.values.index_fill_(1, index, 0)
 
     def write_prefix(self, blocks: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write a prefix's K/V (each [L, H_kv, P, hd]) into `blocks` (P tokens, in order)."""

@@ -4,7 +4,8 @@ All rows are handled with batched tensor operations; the result stays on the dev
 caller moves it to the host once per step. A request with a `seed` draws from its own
 `torch.Generator`, so its tokens do not depend on what else shares the batch; unseeded rows share
 the engine's generator and draw together. A row whose logits hold NaN/inf has no distribution to
-draw from and takes its best finite token instead of failing the batch.
+draw from and takes its best finite token instead of failing the batch; the engine then fails
+that request alone (`finite_rows`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def sample(
                       shared)
         tokens = tokens.index_copy(0, index, drawn)
     return tokens
+
+
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [rows, vocab] -> bool [rows]: the row holds no NaN/inf (one vectorised pass)."""
+    return torch.isfinite(logits).all(dim=-1)
 
 
 def _best(logits: torch.Tensor) -> torch.Tensor:
