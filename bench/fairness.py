@@ -35,7 +35,7 @@ import torch
 
 from bench.common import BENCH_LLAMA, RESULTS, build_model, kv_prefix, pct, report
 from bench.http_throughput import MODEL_DIR, MODEL_TEXT
-from bench.serving import add_tenant_and_prefixes, prefix_serve, run_client
+from bench.serving import ADMIN_KEY, add_tenant_and_prefixes, prefix_serve, run_client
 from server.models.loader import load_model
 
 POLICIES = ("fifo", "vtc")
@@ -76,7 +76,7 @@ def main() -> None:
             keys = {t: add_tenant_and_prefixes(server.url, [prefixes[t]], tenant=t)
                     for t in TENANTS}
             spec = {"url": server.url, "keys": keys, **requests, **asdict(shape),
-                    "metrics_every_s": 0.25}
+                    "metrics_every_s": 0.25, "admin_key": ADMIN_KEY}
             result = run_client(spec, module="bench.tenant_load")
         runs[policy] = summarize(result)
     write_report(args, shape, runs)

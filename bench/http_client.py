@@ -50,13 +50,15 @@ async def completion(client: httpx.AsyncClient, url: str, key: str,
 
 
 async def sample_metrics(client: httpx.AsyncClient, url: str, every_s: float,
-                         done: asyncio.Event) -> list[dict[str, float]]:
+                         done: asyncio.Event, admin_key: str | None = None
+                         ) -> list[dict[str, float]]:
     """`prefix_serve_*` metrics without labels, and the KV ones with theirs, every `every_s`
-    until `done`."""
+    until `done` (`/metrics` needs the operator key)."""
     samples = []
+    headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
     while not done.is_set():
         try:
-            text = (await client.get(f"{url}/metrics")).text
+            text = (await client.get(f"{url}/metrics", headers=headers)).text
         except httpx.HTTPError:
             text = ""
         values = {"t": time.perf_counter()}
@@ -76,8 +78,8 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=httpx.Timeout(600, connect=30), limits=limits) as client:
         done = asyncio.Event()
         every = spec.get("metrics_every_s")
-        sampler = asyncio.create_task(sample_metrics(client, spec["url"], every, done)) if (
-            every) else None
+        sampler = asyncio.create_task(sample_metrics(
+            client, spec["url"], every, done, spec.get("admin_key"))) if every else None
         results = await asyncio.gather(*(completion(client, spec["url"], spec["key"], r)
                                          for r in requests))
         done.set()

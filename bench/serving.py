@@ -97,7 +97,8 @@ def client_spec(url: str, key: str, workload: Workload, metrics_every_s: float |
     """What the client process sends: every row as one streamed greedy completion."""
     requests = [{"model": f"p{r.prefix}", "prompt": r.prompt, "max_tokens": workload.new_tokens}
                 for r in workload.rows]
-    return {"url": url, "key": key, "requests": requests, "metrics_every_s": metrics_every_s}
+    return {"url": url, "key": key, "requests": requests, "metrics_every_s": metrics_every_s,
+            "admin_key": ADMIN_KEY}  # /metrics needs the operator key
 
 
 def run_client(spec: dict[str, Any], timeout_s: float = 3600,

@@ -59,7 +59,7 @@ async def run(spec: dict[str, Any]) -> dict[str, Any]:
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600, connect=30), limits=limits) as client:
         sampling = asyncio.Event()
         sampler = asyncio.create_task(sample_metrics(client, url, spec["metrics_every_s"],
-                                                     sampling))
+                                                     sampling, spec.get("admin_key")))
         alone = await one_by_one(client, url, keys["light"],
                                  spec["light"][: spec["alone_requests"]], "alone")
         stop, flood = asyncio.Event(), []

@@ -24,7 +24,7 @@ from server.api.backend import EngineBackend, LocalBackend
 from server.api.errors import install_error_handlers
 from server.api.guard import RequestGuard
 from server.api.key_cache import KeyCache
-from server.api.metrics import Metrics
+from server.api.metrics import Metrics, MetricsListener, serve_metrics
 from server.api.middleware import RequestContextMiddleware
 from server.api.prompts import PromptEncoder
 from server.api.quotas import Quota, QuotaCache
@@ -53,9 +53,12 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = await start_services(settings, metrics, loaded, engine)
         app.state.services = services
+        app.state.metrics_listener = _metrics_listener(settings, metrics)
         try:
             yield
         finally:
+            if app.state.metrics_listener is not None:
+                app.state.metrics_listener.close()
             await stop_services(services)
 
     app = FastAPI(
@@ -102,7 +105,8 @@ async def start_services(
         disabled=settings.auth_disabled, lookup=keys.tenant_for,
     )
     metrics.watch_engine(backend.stats, known=quotas.__contains__)
-    prompts = PromptEncoder(loaded.tokenizer, settings.max_seq_len or loaded.max_context)
+    prompts = PromptEncoder(loaded.tokenizer, settings.max_seq_len or loaded.max_context,
+                            settings.tokenizer_threads)
     services = Services(settings, loaded, backend, store, resolver, auth, metrics,
                         Lifecycle(backend, settings.shutdown_grace_s), quotas,
                         rate_limiter_for(store),
@@ -157,6 +161,16 @@ def engine_config(settings: Settings) -> EngineConfig:
         fair_prompt_weight=settings.fair_prompt_weight,
         fair_output_weight=settings.fair_output_weight,
     )
+
+
+def _metrics_listener(settings: Settings, metrics: Metrics) -> MetricsListener | None:
+    """`--metrics-port`: /metrics without a key, on its own listener (loopback by default), for
+    a Prometheus beside the server; the main port's /metrics needs the operator key."""
+    if settings.metrics_port is None:
+        return None
+    listener = serve_metrics(metrics, settings.metrics_host, settings.metrics_port)
+    log.info("metrics on http://%s:%d/metrics (no key)", settings.metrics_host, listener.port)
+    return listener
 
 
 def _no_op(tenant: str, name: str) -> None:

@@ -214,6 +214,21 @@ class Settings(BaseSettings):
         default=5.0, ge=0, le=3600, description="how long a server uses a tenant's quota before "
         "reading it from the registry again (a change made through this server applies at once)",
     )
+    # --- private metrics and the tokenizer pool (docs/security.md)
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="also serve /metrics without a key on this "
+        "port (--metrics-host); the main port's /metrics needs the operator key either way",
+        json_schema_extra={"metavar": "PORT", "shown_default": "unset: no such listener"},
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address of the --metrics-port listener (its series "
+        "name every tenant: keep it off public interfaces)",
+    )
+    tokenizer_threads: int = Field(
+        default=2, ge=1, le=64, description="threads that tokenize prompts; one tenant uses at "
+        "most one of them at a time, so its long prompts queue behind each other, not before "
+        "another tenant's",
+    )
     # --- auth and lifecycle
     admin_key: SecretStr | None = Field(
         default=None, description="the operator key (prefer the variable: `ps` shows flags)",

@@ -4,6 +4,9 @@
 - Tenant keys are random, shown once, and stored only as their sha256 hex digest; a request's key
   is hashed and looked up by hash in the registry (so no comparison against stored secrets).
 - With auth disabled every request is tenant `default` with operator rights.
+- Each refusal says why in the access log and in `prefix_serve_request_errors{type=...}`
+  (`missing_key`, `malformed_key`, `invalid_key`, `operator_only`, `other_tenant`); the body keeps
+  the SDK's type (`authentication_error` 401, `permission_denied` 403) and says why in words.
 """
 
 from __future__ import annotations
@@ -15,10 +18,41 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from server.errors import AuthenticationError, PermissionDeniedError
+from server.errors import AuthenticationError, PermissionDeniedError, ServeError
+
+# Why a request was refused (`rejection_type`): what the access log and the error metric say.
+MISSING_KEY = "missing_key"
+MALFORMED_KEY = "malformed_key"
+INVALID_KEY = "invalid_key"  # unknown, revoked, or its tenant deleted: the same to the caller
+OPERATOR_ONLY = "operator_only"
+OTHER_TENANT = "other_tenant"
 
 DEFAULT_TENANT = "default"
 KEY_PREFIX = "psk-"  # makes a leaked key recognisable in logs and secret scanners
+
+
+class KeyRefused(AuthenticationError):
+    """401 with the reason it was refused (the body's type stays `authentication_error`)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class AccessRefused(PermissionDeniedError):
+    """403 with the reason it was refused (the body's type stays `permission_denied`)."""
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def rejection_type(error: ServeError) -> str:
+    """The `error_type` for the access log and the error metric: why an auth refusal happened,
+    else the error's own type."""
+    if isinstance(error, KeyRefused | AccessRefused) and error.reason:
+        return error.reason
+    return error.type
 
 
 @dataclass(frozen=True)
@@ -28,7 +62,7 @@ class Principal:
 
     def require_operator(self) -> None:
         if not self.is_operator:
-            raise PermissionDeniedError("this route needs the operator key")
+            raise AccessRefused("this route needs the operator key", OPERATOR_ONLY)
 
     def tenant_for(self, requested: str | None) -> str:
         """The tenant a call acts for: a tenant key acts for its own tenant only; the operator
@@ -37,7 +71,7 @@ class Principal:
             return requested or self.tenant or DEFAULT_TENANT
         assert self.tenant is not None  # tenant principals always carry their tenant
         if requested not in (None, self.tenant):
-            raise PermissionDeniedError("a tenant key can only act for its own tenant")
+            raise AccessRefused("a tenant key can only act for its own tenant", OTHER_TENANT)
         return self.tenant
 
 
@@ -83,15 +117,16 @@ class Authenticator:
             return OPERATOR
         tenant = await self._lookup(hash_key(token))
         if tenant is None:
-            raise AuthenticationError("invalid API key")
+            raise KeyRefused("invalid API key", INVALID_KEY)
         return Principal(tenant=tenant, is_operator=False)
 
 
 def _bearer_token(authorization: str | None) -> str:
     if not authorization:
-        raise AuthenticationError("missing API key: send 'Authorization: Bearer <key>'")
+        raise KeyRefused("missing API key: send 'Authorization: Bearer <key>'", MISSING_KEY)
     scheme, _, token = authorization.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise AuthenticationError("malformed Authorization header: expected 'Bearer <key>'")
+        raise KeyRefused("malformed Authorization header: expected 'Bearer <key>'",
+                         MALFORMED_KEY)
     return token

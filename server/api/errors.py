@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from prefix_registry import errors as reg
 from server import errors as srv
+from server.api.auth import rejection_type
 from server.api.schemas import ErrorBody
 
 log = logging.getLogger("prefix_serve.api")
@@ -129,7 +130,7 @@ async def _on_serve_error(request: Request, exc: Exception) -> JSONResponse:
         raise exc
     if error.status_code >= 500:
         log.warning("request failed: %s: %s", error.type, error.message)
-    note_error(request, error.type)
+    note_error(request, rejection_type(error))
     return error_response(_with_hint(request, error))
 
 

@@ -164,7 +164,8 @@ async def start_generation(
     if isinstance(prompt, str):
         reserved = (prefix.prefix_len if prefix else 0) + call.sampling.max_new_tokens
         prompt = await services.prompts.encode(
-            prompt, add_special_tokens=call.add_special_tokens, reserved=reserved)
+            prompt, tenant=call.tenant, add_special_tokens=call.add_special_tokens,
+            reserved=reserved)
     engine_request = EngineRequest(
         prompt=prompt, sampling=call.sampling, prefix=prefix,
         request_id=engine_request_id(request), add_special_tokens=call.add_special_tokens,

@@ -20,11 +20,12 @@ import time
 from typing import Any
 
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.auth import Principal
-from server.api.errors import error_response, to_serve_error
+from server.api.auth import Principal, rejection_type
+from server.api.errors import error_response, note_error, to_serve_error
 from server.api.uploads import UploadSlots
 from server.errors import PayloadTooLargeError, ServeError
 
@@ -155,5 +156,6 @@ def _too_large(limit: int) -> str:
 
 
 async def _reject(error: ServeError, scope: Scope, receive: Receive, send: Send) -> None:
+    note_error(Request(scope), rejection_type(error))  # typed in the access log and metrics
     await error_response(error)(scope, receive, send)
 

@@ -1,5 +1,6 @@
 """`/health` (liveness: the process can still serve), `/ready` (readiness: model, engine, registry),
-`/metrics`.
+`/metrics` (the operator key only: its series name every tenant, with their request and token
+counts; `--metrics-port` serves the same on a loopback listener without a key, for Prometheus).
 
 A dead engine never comes back without a restart, so `/health` fails with it: a liveness probe
 (Docker's HEALTHCHECK, Kubernetes' livenessProbe) then restarts the process. A registry outage is
@@ -12,8 +13,8 @@ import asyncio
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
-from server.api.deps import ServicesDep
-from server.api.errors import to_serve_error
+from server.api.deps import OperatorDep, ServicesDep
+from server.api.errors import error_responses, to_serve_error
 from server.api.metrics import CONTENT_TYPE
 from server.api.schemas import HealthOut, ReadyOut, ReadyStatus
 from server.api.state import Services
@@ -55,10 +56,11 @@ async def ready(services: ServicesDep) -> JSONResponse:
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}},
-    summary="Prometheus metrics",
+    responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"},
+               **error_responses(401, 403)},
+    summary="Prometheus metrics (operator key)",
 )
-async def metrics(services: ServicesDep) -> Response:
+async def metrics(services: ServicesDep, _operator: OperatorDep) -> Response:
     return Response(services.metrics.render(), media_type=CONTENT_TYPE)
 
 

@@ -8,10 +8,19 @@ time by `EngineCollector`, so they are never stale and cost nothing between scra
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -159,3 +168,27 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass
+class MetricsListener:
+    """`--metrics-port`: the registry served without a key on its own (loopback) listener."""
+
+    server: WSGIServer
+    thread: threading.Thread
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_port)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+def serve_metrics(metrics: Metrics, host: str, port: int) -> MetricsListener:
+    """Serve `metrics` at http://host:port/metrics on a thread of its own (prometheus-client's
+    WSGI server): nothing there needs the event loop, so a busy loop never delays a scrape."""
+    server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return MetricsListener(server, thread)

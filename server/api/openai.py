@@ -8,7 +8,9 @@ listing marks it).
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
@@ -46,11 +48,25 @@ _SSE_DOC = {
 MODELS_PAGE = 200
 
 
+async def bounded_lists(request: Request, services: ServicesDep) -> None:
+    """Refuse over-long token-id and message lists before FastAPI validates the body item by
+    item: dependencies run after the JSON is parsed (cached on the request) but before the body
+    model is validated, and a length is O(1)."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return  # not JSON: FastAPI's own parse refuses it
+    services.prompts.refuse_long_lists(body)
+
+
+BoundedLists = Annotated[None, Depends(bounded_lists)]
+
+
 @router.post("/completions", response_model=CompletionResponse,
              responses={200: _SSE_DOC, **_ERRORS}, summary="OpenAI-compatible text completion")
 async def completions(
     body: CompletionRequest, request: Request, tenant: GenerationTenant,
-    services: ServicesDep, _engine: EngineDep,
+    services: ServicesDep, _engine: EngineDep, _lists: BoundedLists,
 ) -> JSONResponse | EventSourceResponse:
     body.check_supported()
     sampling = _sampling(body, body.max_tokens or 16)
@@ -64,10 +80,10 @@ async def completions(
              responses={200: _SSE_DOC, **_ERRORS}, summary="OpenAI-compatible chat completion")
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, tenant: GenerationTenant,
-    services: ServicesDep, _engine: EngineDep,
+    services: ServicesDep, _engine: EngineDep, _lists: BoundedLists,
 ) -> JSONResponse | EventSourceResponse:
     body.check_supported()
-    prompt_ids = await services.prompts.chat(body.messages)
+    prompt_ids = await services.prompts.chat(body.messages, tenant=tenant)
     prefix_ref = _prefix_ref(body, services)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:

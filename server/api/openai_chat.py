@@ -19,11 +19,7 @@ def chat_prompt(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
 
     The template writes any special tokens itself, so the text is encoded without adding more.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise InvalidRequestError(
-            "the served model's tokenizer has no chat template, so /v1/chat/completions is not "
-            "available; use /v1/completions with a plain prompt"
-        )
+    require_chat_template(tokenizer)
     conversation = [{"role": m.role, "content": m.text()} for m in messages]
     try:
         text = tokenizer.apply_chat_template(
@@ -33,6 +29,14 @@ def chat_prompt(tokenizer: Any, messages: Sequence[ChatMessage]) -> list[int]:
         raise InvalidRequestError(f"the chat template refused these messages: {exc}") from exc
     ids: list[int] = tokenizer(str(text), add_special_tokens=False)["input_ids"]
     return ids
+
+
+def require_chat_template(tokenizer: Any) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidRequestError(
+            "the served model's tokenizer has no chat template, so /v1/chat/completions is not "
+            "available; use /v1/completions with a plain prompt"
+        )
 
 
 async def default_max_tokens(

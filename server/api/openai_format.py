@@ -32,8 +32,19 @@ log = logging.getLogger("prefix_serve.api")
 DONE = "[DONE]"
 
 
+# A request cut short (shutdown past its grace period, a cancel) reads "abort", as vLLM's OpenAI
+# server reports its FinishReason.ABORT (vllm/v1/engine/__init__.py, FINISH_REASON_STRINGS): a
+# client that checks for "stop" then sees the text is not a whole answer. ("length" would claim
+# max_tokens was reached.) Failures never get here: they are an error body or event.
+_OPENAI_FINISH: dict[FinishReason, OpenAIFinish] = {
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.CANCELLED: "abort",
+}
+
+
 def openai_finish(reason: FinishReason) -> OpenAIFinish:
-    return "length" if reason is FinishReason.LENGTH else "stop"
+    return _OPENAI_FINISH.get(reason, "abort")
 
 
 def openai_usage(usage: Usage) -> OpenAIUsage:

@@ -159,7 +159,7 @@ class ChatCompletionRequest(_OpenAIRequest):
 
 
 # --- responses ----------------------------------------------------------------------------------
-OpenAIFinish = Literal["stop", "length"]
+OpenAIFinish = Literal["stop", "length", "abort"]  # abort: cut short (vLLM's word for it)
 
 
 class OpenAIUsage(WireOut):

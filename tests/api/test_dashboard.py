@@ -12,7 +12,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.models.loader import LoadedModel
 from tests.api.conftest import Served
-from tests.api.helpers import auth, create_tenant, prefix_tensors, safetensors_file, upload
+from tests.api.helpers import (
+    ADMIN_KEY,
+    auth,
+    create_tenant,
+    prefix_tensors,
+    safetensors_file,
+    upload,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "prefix-serve.json"
@@ -52,7 +59,7 @@ async def test_every_series_the_dashboard_queries_is_exported(
     server: Served, loaded: LoadedModel
 ) -> None:
     await traffic(server, loaded)
-    names = exported((await server.client.get("/metrics")).text)
+    names = exported((await server.client.get("/metrics", headers=auth(ADMIN_KEY))).text)
     queried = {name for expr in dashboard_exprs() for name in SERIES.findall(expr)}
     assert len(queried) >= 10
     missing = sorted(queried - set(names))
@@ -61,7 +68,7 @@ async def test_every_series_the_dashboard_queries_is_exported(
 
 async def test_errors_are_counted_by_type(server: Served, loaded: LoadedModel) -> None:
     await traffic(server, loaded)
-    names = exported((await server.client.get("/metrics")).text)
+    names = exported((await server.client.get("/metrics", headers=auth(ADMIN_KEY))).text)
     labels = names["prefix_serve_request_errors_total"]
     types = {dict(label)["type"] for label in labels}
     assert {"not_found", "validation_error"} <= types

@@ -125,5 +125,5 @@ async def test_an_upload_for_a_missing_tenant_is_no_metrics_label(server: Served
     files = {"p.safetensors": safetensors_file(prefix_tensors(loaded))}
     response = await upload(server.client, ADMIN_KEY, "p", files, tenant="no-such-tenant-xyz")
     assert response.status_code == 404, response.text
-    metrics = (await server.client.get("/metrics")).text
+    metrics = (await server.client.get("/metrics", headers=auth(ADMIN_KEY))).text
     assert "no-such-tenant-xyz" not in metrics

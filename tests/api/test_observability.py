@@ -46,7 +46,7 @@ async def test_metrics(server: Served, loaded: LoadedModel) -> None:
             "prompt": "hello world", "max_new_tokens": 4, "prefix_id": "style"})
         assert response.status_code == 200
     await server.client.post("/generate", headers=auth(key), json={"prompt": ""})
-    text = (await server.client.get("/metrics")).text
+    text = (await server.client.get("/metrics", headers=auth(ADMIN_KEY))).text
     got = samples(text)
     ok = frozenset({("route", "/generate"), ("status", "200"), ("tenant", "acme")})
     bad = frozenset({("route", "/generate"), ("status", "422"), ("tenant", "acme")})

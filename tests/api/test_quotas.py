@@ -204,7 +204,7 @@ async def test_tokens_per_minute_limit_that_tenant_alone(server: Served) -> None
                                json={"model": server.services.model_name, "prompt": "hi"})
     assert openai.status_code == 429
     assert (await client.post("/generate", headers=auth(beta), json=body)).status_code == 200
-    got = samples((await client.get("/metrics")).text)
+    got = samples((await client.get("/metrics", headers=auth(ADMIN_KEY))).text)
     rejected = ("prefix_serve_rejected_requests_total",
                 frozenset({("tenant", "acme"), ("reason", "rate_limited")}))
     assert got[rejected] == 3
@@ -316,7 +316,7 @@ async def test_per_tenant_metrics(server: Served) -> None:
             response = await client.post("/generate", headers=auth(key),
                                          json={"prompt": "hello world", "max_new_tokens": 3})
             assert response.status_code == 200
-    got = samples((await client.get("/metrics")).text)
+    got = samples((await client.get("/metrics", headers=auth(ADMIN_KEY))).text)
     for tenant, count in (("acme", 2), ("beta", 1)):
         labels = frozenset({("tenant", tenant)})
         assert got[("prefix_serve_time_to_first_token_seconds_count", labels)] == count

@@ -18,6 +18,7 @@ from server.models.loader import LoadedModel
 from tests.clients.conftest import ADMIN_KEY, LiveServer, ServerFactory
 
 STORES = ["redis", "local"]
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}  # /metrics needs the operator key
 
 
 @pytest.fixture(params=STORES)
@@ -41,9 +42,9 @@ def test_delete_tenant_with_the_sdk(server: LiveServer, loaded: LoadedModel) -> 
             acme.upload_prefix("style", _p_theta(loaded))
             acme.upload_prefix("style", _p_theta(loaded))
             assert acme.generate("style", "hello", max_new_tokens=2).prefix is not None
-            assert 'tenant="acme"' in httpx.get(f"{server.url}/metrics").text
+            assert 'tenant="acme"' in httpx.get(f"{server.url}/metrics", headers=ADMIN).text
             deleted = admin.delete_tenant("acme")
-            assert 'tenant="acme"' not in httpx.get(f"{server.url}/metrics").text
+            assert 'tenant="acme"' not in httpx.get(f"{server.url}/metrics", headers=ADMIN).text
             assert (deleted.name, deleted.keys, deleted.prefixes) == ("acme", 2, 2)
             for used in (key, second):  # at once, although the key cache would trust it 1 h
                 with clients.PrefixClient(server.url, used, max_retries=0) as c, \
