@@ -68,7 +68,9 @@ async def test_a_million_token_ids_are_refused_by_their_count(
         assert error["type"] == "context_length_exceeded"
         assert "prompt has 1000000 items" in error["message"]
     assert len(latencies) >= 2
-    assert max(latencies) < 2.0, latencies  # generous: the parse alone is ~0.1 s per body
+    # Generous for a loaded 2-core machine (the client shares this process): what is left is the
+    # JSON parse, ~0.1 s per body; before, each body held the loop ~1.5 s (8 queued: ~10 s).
+    assert max(latencies) < 4.0, latencies
 
 
 async def test_messages_beyond_the_context_are_refused_by_their_count(
