@@ -40,7 +40,7 @@ def test_delete_tenant_with_the_sdk(server: LiveServer, loaded: LoadedModel) -> 
         admin.create_tenant("beta")
         with clients.PrefixClient(server.url, key, max_retries=0) as acme:
             acme.upload_prefix("style", _p_theta(loaded))
-            acme.upload_prefix("style", _p_theta(loaded))
+            acme.upload_prefix("style", _p_theta(loaded), description="v2")  # a second version
             assert acme.generate("style", "hello", max_new_tokens=2).prefix is not None
             assert 'tenant="acme"' in httpx.get(f"{server.url}/metrics", headers=ADMIN).text
             deleted = admin.delete_tenant("acme")
