@@ -36,6 +36,8 @@ from prefix_registry.errors import RegistryUnavailableError
 
 SENTINEL_SCHEME = "redis+sentinel"
 CLUSTER_SCHEME = "redis+cluster"
+SINGLE_SCHEMES = ("redis", "rediss", "unix")  # redis-py's own
+ALL_SCHEMES = tuple(f"{s}://" for s in (*SINGLE_SCHEMES, SENTINEL_SCHEME, CLUSTER_SCHEME))
 DEFAULT_SENTINEL_PORT = 26379
 DEFAULT_REDIS_PORT = 6379
 
@@ -84,6 +86,8 @@ def parse_redis_url(url: str) -> RedisTarget:
     """Parse a registry URL; ValueError names what is wrong."""
     scheme = url.partition("://")[0].lower()
     if scheme not in (SENTINEL_SCHEME, CLUSTER_SCHEME):
+        if scheme not in SINGLE_SCHEMES:  # else redis-py's own message lists only its three
+            raise ValueError(f"a Redis URL starts with one of {', '.join(ALL_SCHEMES)}")
         return RedisTarget("single", url)
     parts = urlsplit(url)
     userinfo, _, hosts = parts.netloc.rpartition("@")

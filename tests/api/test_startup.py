@@ -119,10 +119,13 @@ def test_unreachable_redis_fails_before_the_model_loads(
     assert "--redis-url ($PREFIX_SERVE_REDIS_URL)" in line and str(dead_port) in line
 
 
-def test_malformed_redis_url_is_named() -> None:
+@pytest.mark.parametrize("url", ["localhost:6379", "http://127.0.0.1:6379/0"])
+def test_malformed_redis_url_is_named(url: str) -> None:
     line = one_error_line(run_server("--model", "m", "--auth-disabled", "--port", "0",
-                                     "--redis-url", "localhost:6379"))
-    assert "--redis-url ($PREFIX_SERVE_REDIS_URL)" in line and "redis://" in line
+                                     "--redis-url", url))
+    assert "--redis-url ($PREFIX_SERVE_REDIS_URL)" in line
+    for scheme in ("redis://", "rediss://", "unix://", "redis+sentinel://", "redis+cluster://"):
+        assert scheme in line, line  # every form the server accepts
 
 
 def test_missing_model_directory(tmp_path: Path) -> None:
