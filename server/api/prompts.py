@@ -132,9 +132,9 @@ class PromptEncoder:
         least = self.min_tokens(text)
         if least + reserved > self.context:
             raise ContextLengthError(
-                f"the prompt is {len(text)} characters: at least {least} tokens, which with the "
-                f"prefix and max_new_tokens ({reserved}) exceeds the context of {self.context} "
-                "tokens"
+                f"the prompt ({len(text)} characters: at least {least} "
+                f"token{'' if least == 1 else 's'}) with the prefix and the tokens to generate "
+                f"({reserved} together) exceeds the model's context of {self.context} tokens"
             )
 
     async def encode(self, text: str, *, tenant: str, add_special_tokens: bool,

@@ -69,3 +69,13 @@ def test_the_byte_bound_never_exceeds_the_real_count(loaded: LoadedModel) -> Non
             assert encoder.min_tokens(text) <= len(loaded.tokenizer.encode(text))
     finally:
         encoder.close()
+
+
+async def test_the_context_length_message_is_plain(server: Served) -> None:
+    """What does not fit, and by how much, in words that match the numbers."""
+    body = {"prompt": "hi", "max_new_tokens": 100_000}
+    response = await server.client.post("/generate", headers=auth(ADMIN_KEY), json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == {"type": "context_length_exceeded", "message": (
+        "the prompt (2 characters: at least 1 token) with the prefix and the tokens to generate "
+        "(100000 together) exceeds the model's context of 256 tokens")}
