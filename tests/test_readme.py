@@ -85,3 +85,18 @@ def test_quickstart_then_sdk_runs_as_written(tmp_path: Path) -> None:
 @pytest.mark.parametrize("path", [README, TRAIN_STYLE])
 def test_no_example_uses_the_old_shared_directory(path: Path) -> None:
     assert "/tmp/prefix-demo" not in path.read_text()
+
+
+def test_torch_requirement_matches_pyproject() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    required = re.search(r'"torch>=([0-9.]+)"', pyproject)
+    assert required, "pyproject.toml names no torch>= requirement"
+    assert f"any torch {required.group(1)} or newer" in README.read_text()
+
+
+def test_install_lines_are_alternatives() -> None:
+    """One `pip install` of the project per reader, not one per extra (each rebuilds it)."""
+    install = block(README, "## Install")
+    projects = [line for line in install.splitlines()
+                if re.match(r'pip install "?\.', line.strip())]
+    assert len(projects) == 2 and '".[train,ray]"' in projects[1], projects
