@@ -97,13 +97,13 @@ def test_a_silent_connection_is_closed_at_the_timeout(server: ServerProcess) -> 
         sock.close()
 
 
-@pytest.mark.parametrize("size", [64 * 1024, 8 * 2**20], ids=["64KiB", "8MiB"])
+@pytest.mark.parametrize("size", [20 * 1024, 64 * 1024, 8 * 2**20], ids=["20KiB", "64KiB", "8MiB"])
 def test_headers_over_the_cap_get_431(server: ServerProcess, size: int) -> None:
     sock = connect(server)
     sent, reply = 0, b""
     try:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: ")
-        piece = b"a" * 65536
+        piece = b"a" * min(size, 65536)  # 20 KiB: complete headers in one read, measured whole
         while sent < size and not reply:  # stream it; stop once the server has answered
             try:
                 sock.sendall(piece)
@@ -121,6 +121,16 @@ def test_headers_over_the_cap_get_431(server: ServerProcess, size: int) -> None:
     assert (status, error["type"]) == (431, "headers_too_large"), reply[:300]
     if size > 2**20:  # answered while the header was still arriving (kernel buffers hold some)
         assert sent < size, sent
+
+
+def test_a_malformed_request_gets_400_in_the_error_format(server: ServerProcess) -> None:
+    sock = connect(server)
+    try:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        status, error = status_and_error(read_reply(sock))
+    finally:
+        sock.close()
+    assert (status, error["type"]) == (400, "invalid_request")
 
 
 def test_headers_under_the_cap_are_served(server: ServerProcess) -> None:
