@@ -24,7 +24,7 @@ import contextlib
 import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import NoReturn
 
@@ -66,6 +66,9 @@ class GracefulServer(uvicorn.Server):
         return self.engine_died or await super().on_tick(counter)
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     settings = _settings_or_exit(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
@@ -77,9 +80,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         checked.sock.close()  # Ray Serve's proxy binds the port itself
         from server.serve_ray.app import run  # Ray is imported only on this path
 
-        run(settings)
+        with _quiet_interrupt():
+            run(settings)
         return
-    _serve(settings, checked)
+    with _quiet_interrupt():
+        _serve(settings, checked)
+
+
+@contextlib.contextmanager
+def _quiet_interrupt() -> Iterator[None]:
+    """Ctrl-C: uvicorn (and Ray) drain first, then re-raise the SIGINT as KeyboardInterrupt; by
+    then the shutdown is done, so exit with the shell's status for it instead of a traceback."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def _serve(settings: Settings, checked: Preflight) -> None:

@@ -87,6 +87,39 @@ def test_sigterm_lets_a_running_stream_finish(tiny_model_dir: Callable[..., Path
         assert needle in logs, needle
 
 
+def test_ctrl_c_drains_then_exits_quietly(tiny_model_dir: Callable[..., Path],
+                                         tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C on a foreground server): the running stream finishes, then the process
+    exits with 130 and no KeyboardInterrupt traceback."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFIX_SERVE_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server", "--model", str(tiny_model_dir("llama")),
+         "--auth-disabled", "--port", str(port), "--data-dir", str(tmp_path / "data"),
+         "--kv-cache-mb", "1", "--dtype", "float32", "--threads", "1",
+         "--shutdown-grace-s", "20"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        with httpx.stream("POST", f"{url}/generate", timeout=60, json={
+                "prompt": "hello world", "max_new_tokens": 64, "stream": True}) as response:
+            lines = response.iter_lines()
+            while not next(lines).startswith("event: delta"):
+                pass
+            process.send_signal(signal.SIGINT)
+            rest = list(lines)
+        code = process.wait(60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    logs = process.stdout.read() if process.stdout else ""
+    assert "event: done" in rest, logs  # drained first
+    assert code == 130, logs
+    assert "Traceback" not in logs and "KeyboardInterrupt" not in logs, logs
+
+
 async def test_requests_outliving_the_grace_period_are_cancelled(
     make_settings: SettingsFactory, loaded: LoadedModel
 ) -> None:
