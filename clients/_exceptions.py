@@ -13,7 +13,8 @@ PrefixServeError                      every failure of a call to the server
     ├── ConflictError                 409  conflict
     ├── PayloadTooLargeError          413  payload_too_large
     ├── UnprocessableEntityError      422  validation_error, incompatible_prefix
-    ├── RateLimitError                429  overloaded, tenant_queue_full, rate_limited
+    ├── RateLimitError                429  overloaded, tenant_queue_full, rate_limited,
+    │                                      too_many_uploads
     │                                      (+ retry_after, seconds)
     ├── InternalServerError           500  (and any other 5xx without a class of its own)
     │   └── CorruptRecordError        500  corrupt_record (a stored record failed its checks)
@@ -185,7 +186,7 @@ _STATUS_BY_TYPE: dict[str, int] = {
     "invalid_request": 400, "context_length_exceeded": 400, "authentication_error": 401,
     "permission_denied": 403, "not_found": 404, "conflict": 409, "payload_too_large": 413,
     "validation_error": 422, "incompatible_prefix": 422, "overloaded": 429,
-    "tenant_queue_full": 429, "rate_limited": 429, "quota_exceeded": 403,
+    "tenant_queue_full": 429, "rate_limited": 429, "too_many_uploads": 429, "quota_exceeded": 403,
     "method_not_allowed": 405, "request_timeout": 408, "unsupported_media_type": 415,
     "internal_error": 500, "corrupt_record": 500, "unavailable": 503, "shutting_down": 503,
     "registry_unavailable": 503, "engine_dead": 503, "replica_unavailable": 503,
