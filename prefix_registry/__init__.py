@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         TenantNotFoundError,
         UnsafeFileError,
     )
+    from prefix_registry.factory import open_store
     from prefix_registry.fingerprint import ModelFingerprint
     from prefix_registry.formats import (
         ImportedPrefix,
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
         import_path,
     )
     from prefix_registry.quotas import StorageLimits, TenantQuota, TenantUsage
-    from prefix_registry.store import ApiKeyInfo, Page, PrefixStore, TenantInfo, open_store
+    from prefix_registry.store import ApiKeyInfo, Page, PrefixStore, TenantInfo
     from prefix_registry.validation import Limits, parse_ref, validate_name
 
 _LAZY = {
@@ -71,7 +72,7 @@ _LAZY = {
     "content_hash": "prefix_registry.artifact",
     "import_files": "prefix_registry.formats",
     "import_path": "prefix_registry.formats",
-    "open_store": "prefix_registry.store",
+    "open_store": "prefix_registry.factory",
     "parse_ref": "prefix_registry.validation",
     "validate_name": "prefix_registry.validation",
 }

@@ -14,7 +14,6 @@ import itertools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 
 from prefix_registry.artifact import PrefixArtifact, PrefixMeta
@@ -239,28 +238,3 @@ class PrefixStore(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-def open_store(
-    redis_url: str | None,
-    *,
-    namespace: str = DEFAULT_NAMESPACE,
-    directory: str | Path,
-    limits: Limits | None = None,
-    max_connections: int = 100,
-    pool_timeout_s: float = 5.0,
-) -> PrefixStore:
-    """A RedisStore when `redis_url` is set (a pool of at most `max_connections`, where a caller
-    waits up to `pool_timeout_s` for a free one), else a LocalStore in `directory` (whose
-    temporary files orphaned by a crash are removed now)."""
-    if redis_url:
-        from prefix_registry.redis_connect import RedisOptions
-        from prefix_registry.redis_store import RedisStore
-
-        options = RedisOptions(max_connections=max_connections, pool_timeout_s=pool_timeout_s)
-        return RedisStore(redis_url, namespace=namespace, limits=limits, options=options)
-    from prefix_registry.local_store import LocalStore
-
-    store = LocalStore(directory, limits=limits)
-    store.remove_orphans()
-    return store

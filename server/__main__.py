@@ -31,8 +31,8 @@ from typing import NoReturn
 import uvicorn
 from pydantic import ValidationError
 
-from server.cli_args import PROG, describe_error
-from server.settings import Settings, parse_settings
+from server.cli_args import PROG, describe_error, parse_settings
+from server.settings import Settings
 from server.startup import Preflight, StartupError, preflight
 
 log = logging.getLogger("prefix_serve.server")

@@ -15,8 +15,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from prefix_registry import errors as reg
+from prefix_registry.factory import open_store
 from prefix_registry.fingerprint import ModelFingerprint
-from prefix_registry.store import PrefixStore, open_store
+from prefix_registry.store import PrefixStore
 from prefix_registry.validation import Limits
 from server.api import admin_prefixes, admin_quotas, admin_tenants, generate, health, openai
 from server.api.auth import DEFAULT_TENANT, Authenticator

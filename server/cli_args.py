@@ -55,6 +55,16 @@ def flag_values(argv: Sequence[str]) -> dict[str, Any]:
     return vars(build_parser().parse_args(list(argv)))
 
 
+def parse_settings(argv: Sequence[str]) -> Settings:
+    """Settings from command-line flags, falling back to PREFIX_SERVE_* variables.
+
+    Here rather than in settings.py, which the flags are built from: settings know nothing of the
+    command line. Raises pydantic's ValidationError on bad values; argparse exits (status 2) on
+    unknown flags.
+    """
+    return Settings(**flag_values(argv))
+
+
 def _add_flag(parser: argparse.ArgumentParser, name: str, field: FieldInfo) -> None:
     extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
     help_text = f"{field.description or ''} ({_shown_default(field, extra)}; ${env_var(name)})"

@@ -8,7 +8,6 @@ Tests build `Settings(...)` directly with keyword arguments. The command line it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -300,16 +299,6 @@ class Settings(BaseSettings):
         if self.redis_url is None:
             return f"local directory {self.data_dir} (namespace {self.namespace})"
         return f"redis {_redact_url(self.redis_url)} (namespace {self.namespace})"
-
-
-def parse_settings(argv: Sequence[str]) -> Settings:
-    """Settings from command-line flags, falling back to PREFIX_SERVE_* variables.
-
-    Raises pydantic's ValidationError on bad values; argparse exits (status 2) on unknown flags.
-    """
-    from server.cli_args import flag_values
-
-    return Settings(**flag_values(argv))
 
 
 def _redact_url(url: str) -> str:

@@ -90,7 +90,7 @@ def _bind_error(host: str, port: int, exc: OSError) -> StartupError:
 
 def check_registry(settings: Settings, timeout_s: float = REGISTRY_TIMEOUT_S) -> None:
     """Open the configured store and ping it once."""
-    from prefix_registry.store import open_store  # the registry imports torch: after --help
+    from prefix_registry.factory import open_store  # the registry imports torch: after --help
 
     async def ping() -> None:
         store = open_store(settings.redis_url, directory=settings.data_dir)

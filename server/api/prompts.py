@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from server.api.openai_chat import chat_prompt, require_chat_template
+from server.api.chat_template import chat_prompt, require_chat_template
 from server.api.openai_schemas import ChatMessage
 from server.errors import ContextLengthError, InvalidRequestError
 

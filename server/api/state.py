@@ -13,12 +13,12 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from prefix_registry.store import PrefixStore
 from server.api.auth import Authenticator
 from server.api.backend import EngineBackend
 from server.api.metrics import Metrics
+from server.api.prompts import PromptEncoder
 from server.api.quotas import QuotaCache
 from server.api.rate_limit import TokenRateLimiter
 from server.api.resolver import PrefixResolver
@@ -33,9 +33,6 @@ def default_model_name(model: str) -> str:
     path = Path(model).expanduser()
     return path.resolve().name if path.is_dir() else model
 
-
-if TYPE_CHECKING:  # prompts -> openai_chat -> state: a runtime import would be a cycle
-    from server.api.prompts import PromptEncoder
 
 log = logging.getLogger("prefix_serve.server")
 

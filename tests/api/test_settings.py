@@ -10,8 +10,9 @@ from pydantic import ValidationError
 
 from server.api.quotas import Quota
 from server.app import engine_config
+from server.cli_args import parse_settings
 from server.engine.fairness import FifoQueue, VirtualTokenCounter, make_wait_queue
-from server.settings import Settings, parse_settings
+from server.settings import Settings
 
 
 def test_flags_parse_into_settings() -> None:

@@ -13,9 +13,10 @@ import pytest
 
 from prefix_registry.artifact import PrefixArtifact
 from prefix_registry.errors import RegistryUnavailableError
+from prefix_registry.factory import open_store
 from prefix_registry.local_store import LocalStore
 from prefix_registry.redis_store import RedisStore
-from prefix_registry.store import Notifier, open_store
+from prefix_registry.store import Notifier
 from tests.registry.conftest import FP, make_tensors
 
 

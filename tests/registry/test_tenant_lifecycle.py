@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from prefix_registry.errors import PrefixNotFoundError, TenantNotFoundError
+from prefix_registry.factory import open_store
 from prefix_registry.local_files import ORPHAN_MIN_AGE_S
 from prefix_registry.local_store import LocalStore
 from prefix_registry.redis_store import RedisStore
-from prefix_registry.store import PrefixStore, open_store
+from prefix_registry.store import PrefixStore
 from tests.registry.conftest import MakeArtifact
 
 HASH_A, HASH_B, HASH_C = "a" * 64, "b" * 64, "c" * 64
