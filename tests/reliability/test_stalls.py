@@ -28,6 +28,10 @@ MILLION_IDS = "[" + ",".join("0" for _ in range(1_000_000)) + "]"  # 1.9 MiB of 
 LONG_PROMPT = "the quick brown fox jumps " * 12_000  # 312 KB
 
 
+def _own_store(tmp_path: Path) -> list[str]:
+    return ["--data-dir", str(tmp_path / "store")]  # not the user's default directory
+
+
 class HealthProbe:
     """GET /health every 50 ms until stopped; the latencies it saw."""
 
@@ -57,7 +61,7 @@ class HealthProbe:
 
 
 async def test_million_token_ids_vs_health(model_dir: Path, tmp_path: Path) -> None:
-    with prefix_serve(model_dir, tmp_path / "ids", []) as server:
+    with prefix_serve(model_dir, tmp_path / "ids", _own_store(tmp_path)) as server:
         async with httpx.AsyncClient(timeout=120) as client:
             head = json.dumps({"model": str(model_dir), "max_tokens": 1})[:-1]
             body = f'{head}, "prompt": {MILLION_IDS}}}'.encode()
@@ -94,7 +98,8 @@ def _long_token_model(model_dir: Path, into: Path) -> Path:
 async def test_long_prompts_of_one_tenant_vs_another_tenant(model_dir: Path,
                                                             tmp_path: Path) -> None:
     long_model = _long_token_model(model_dir, tmp_path / "long-token-model")
-    with prefix_serve(long_model, tmp_path / "tok", ["--tokenizer-threads", "2"]) as server:
+    flags = [*_own_store(tmp_path), "--tokenizer-threads", "2"]
+    with prefix_serve(long_model, tmp_path / "tok", flags) as server:
         async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
             keys = {}
             for name in ("heavy", "light"):
