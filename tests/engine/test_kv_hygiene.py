@@ -20,6 +20,7 @@ import hashlib
 import pytest
 import torch
 
+from prefix_registry.fingerprint import ModelFingerprint
 from server.engine import EngineRequest, PrefixSource, SamplingParams
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig
@@ -34,12 +35,13 @@ ATTACKS_PER_ROUND = 4
 POOL_BLOCKS = 48  # of 4 slots: the rounds take far more in all, so blocks are reused
 
 
-def _hashed(name: str, form: str, tensors: dict[str, torch.Tensor], fp: object) -> PrefixSource:
+def _hashed(name: str, form: str, tensors: dict[str, torch.Tensor], fp: ModelFingerprint
+            ) -> PrefixSource:
     digest = hashlib.sha256()
     for key in sorted(tensors):
         digest.update(tensors[key].numpy().tobytes())
     length = next(iter(tensors.values())).shape[-2]
-    return PrefixSource(digest.hexdigest(), name, 1, form, length, tensors, fp)  # type: ignore[arg-type]
+    return PrefixSource(digest.hexdigest(), name, 1, form, length, tensors, fp)
 
 
 def attack_prefixes(loaded: LoadedModel, length: int = 8) -> list[PrefixSource]:
