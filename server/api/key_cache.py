@@ -14,12 +14,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from prefix_registry.errors import RegistryUnavailableError
+from server.api.auth import KeyLookup
 
-KeyLookup = Callable[[str], Awaitable[str | None]]  # key hash -> tenant name or None
 DEFAULT_MAX_ENTRIES = 100_000
 
 

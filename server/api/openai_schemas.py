@@ -52,7 +52,7 @@ class _OpenAIRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: StopString | list[StopString] | None = None
-    seed: int | None = Field(default=None, ge=0, lt=MAX_SEED)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     logit_bias: dict[str, float] | None = None

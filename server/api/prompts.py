@@ -33,7 +33,8 @@ from typing import Any
 
 from server.api.chat_template import chat_prompt, require_chat_template
 from server.api.openai_schemas import ChatMessage
-from server.errors import ContextLengthError, InvalidRequestError
+from server.engine.checks import check_unicode
+from server.errors import ContextLengthError
 
 NORMALIZER_SHRINK = 4
 
@@ -140,7 +141,7 @@ class PromptEncoder:
     async def encode(self, text: str, *, tenant: str, add_special_tokens: bool,
                      reserved: int) -> list[int]:
         """Token ids of `text` (refused first if it cannot fit), encoded in `tenant`'s turn."""
-        _check_unicode(text)
+        check_unicode(text, "the prompt")
         self.refuse_if_too_long(text, reserved)
         encode = partial(_encode, text=text, add_special_tokens=add_special_tokens)
         return list(await self._pool.run(tenant, encode))
@@ -172,10 +173,3 @@ def _longest_token_bytes(tokenizer: Any) -> int:
 def _may_shrink(tokenizer: Any) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     return backend is None or backend.normalizer is not None
-
-
-def _check_unicode(text: str) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise InvalidRequestError("the prompt is not valid Unicode (a lone surrogate)") from exc

@@ -9,12 +9,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-from server.engine.checks import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+from server.engine.checks import MAX_SEED, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 
 MAX_PROMPT_CHARS = 1_000_000
 MAX_NEW_TOKENS = 1_000_000  # the context refuses far less; this only bounds the integer
 MAX_TOP_K = 2**20  # more than any vocabulary; beyond the served one, top_k is off
-MAX_SEED = 2**63  # exclusive; what every client language can send as a signed 64-bit integer
 StopString = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STOP_STRING_CHARS)]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # tenant names
 PREFIX_REF_PATTERN = r"^[^@\s/]{1,128}(@[0-9]{1,9})?$"  # "name" or "name@version"
@@ -54,7 +53,7 @@ class GenerateRequest(_Body):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0, le=MAX_TOP_K, description="0 = off")
     stop: list[StopString] = Field(default_factory=list, max_length=MAX_STOP_STRINGS)
-    seed: int | None = Field(default=None, ge=0, lt=MAX_SEED)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
 
     @field_validator("stop", mode="before")

@@ -21,7 +21,8 @@ from server.errors import ContextLengthError, CorruptPrefixError, InvalidRequest
 
 log = logging.getLogger(__name__)
 
-MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes [-2**63, 2**64); negatives not offered
+MAX_SEED = 2**64 - 1  # inclusive: torch.Generator.manual_seed takes [-2**63, 2**64), where a
+# negative seed s is the same stream as 2**64 + s, so [0, 2**64) offers every stream once
 MAX_STOP_STRINGS = 16  # stop strings per request
 MAX_STOP_STRING_CHARS = 256  # each: the detokenizer matches every one after every token
 MAX_STOP_TOKEN_IDS = 64
@@ -89,7 +90,7 @@ def _check_stops(params: SamplingParams) -> None:
             f"stop strings must be non-empty strings of at most {MAX_STOP_STRING_CHARS} characters"
         )
     for s in stops:
-        _check_unicode(s, "a stop string")
+        check_unicode(s, "a stop string")
     if len(params.stop_token_ids) > MAX_STOP_TOKEN_IDS or not all(
         _is_int(t) for t in params.stop_token_ids
     ):
@@ -103,7 +104,7 @@ def prompt_ids(
     if isinstance(request.prompt, str):
         if not request.prompt:
             raise InvalidRequestError("prompt is empty")
-        _check_unicode(request.prompt, "prompt")
+        check_unicode(request.prompt, "prompt")
         ids = list(tokenizer.encode(request.prompt, add_special_tokens=request.add_special_tokens))
     else:
         ids = list(request.prompt)
@@ -142,7 +143,7 @@ def check_fits(request: EngineRequest, num_prompt: int, pool: PoolPlan) -> None:
         )
 
 
-def _check_unicode(text: str, what: str) -> None:
+def check_unicode(text: str, what: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate: the tokenizer would raise TypeError
