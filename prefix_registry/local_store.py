@@ -230,8 +230,9 @@ class LocalStore:
     # ---- invalidation ---------------------------------------------------------------------
 
     async def subscribe(
-        self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None,
-        on_revoked: RevokedCallback | None = None, on_quota: QuotaCallback | None = None,
+        self, callback: InvalidationCallback | None = None, *,
+        on_reset: ResetCallback | None = None, on_revoked: RevokedCallback | None = None,
+        on_quota: QuotaCallback | None = None,
     ) -> Subscription:
         return self._notifier.add(callback, on_reset, on_revoked, on_quota)
 

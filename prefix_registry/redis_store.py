@@ -307,8 +307,9 @@ class RedisStore(RedisTenants):
     # ---- invalidation ---------------------------------------------------------------------
 
     async def subscribe(
-        self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None,
-        on_revoked: RevokedCallback | None = None, on_quota: QuotaCallback | None = None,
+        self, callback: InvalidationCallback | None = None, *,
+        on_reset: ResetCallback | None = None, on_revoked: RevokedCallback | None = None,
+        on_quota: QuotaCallback | None = None,
     ) -> Subscription:
         subscription = self._notifier.add(callback, on_reset, on_revoked, on_quota)
         if self._listener is None:

@@ -69,7 +69,7 @@ def clamp_limit(limit: int) -> int:
 
 @dataclass(frozen=True)
 class _Sub:
-    changed: InvalidationCallback
+    changed: InvalidationCallback | None
     reset: ResetCallback | None
     revoked: RevokedCallback | None
     quota: QuotaCallback | None = None
@@ -94,7 +94,7 @@ class Notifier:
         self._ids = itertools.count(1)
 
     def add(
-        self, callback: InvalidationCallback, on_reset: ResetCallback | None,
+        self, callback: InvalidationCallback | None, on_reset: ResetCallback | None,
         on_revoked: RevokedCallback | None = None, on_quota: QuotaCallback | None = None,
     ) -> Subscription:
         sub_id = next(self._ids)
@@ -106,7 +106,8 @@ class Notifier:
 
     async def changed(self, tenant: str, name: str) -> None:
         for sub in list(self._subs.values()):
-            await _call(sub.changed, tenant, name)
+            if sub.changed is not None:
+                await _call(sub.changed, tenant, name)
 
     async def revoked(self, key_hashes: list[str]) -> None:
         for sub in list(self._subs.values()):
@@ -179,12 +180,13 @@ class PrefixStore(Protocol):
     async def exists(self, tenant: str, ref: str) -> bool: ...
 
     async def subscribe(
-        self, callback: InvalidationCallback, *, on_reset: ResetCallback | None = None,
-        on_revoked: RevokedCallback | None = None, on_quota: QuotaCallback | None = None,
+        self, callback: InvalidationCallback | None = None, *,
+        on_reset: ResetCallback | None = None, on_revoked: RevokedCallback | None = None,
+        on_quota: QuotaCallback | None = None,
     ) -> Subscription:
         """Call `callback(tenant, name)` after every change by any process sharing the store,
         `on_revoked(key_hashes)` when keys stop working and `on_quota(tenant)` when a tenant's
-        quota changed."""
+        quota changed. Each is optional: a subscriber names only what it listens for."""
         ...
 
     async def create_tenant(self, name: str) -> TenantInfo:

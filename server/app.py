@@ -99,8 +99,7 @@ async def start_services(
         keys.expire_all()
         quotas.expire_all()
 
-    await store.subscribe(_no_op, on_reset=reset, on_revoked=keys.revoke,
-                          on_quota=quotas.expire)
+    await store.subscribe(on_reset=reset, on_revoked=keys.revoke, on_quota=quotas.expire)
     auth = Authenticator(
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
         disabled=settings.auth_disabled, lookup=keys.tenant_for,
@@ -172,10 +171,6 @@ def _metrics_listener(settings: Settings, metrics: Metrics) -> MetricsListener |
     listener = serve_metrics(metrics, settings.metrics_host, settings.metrics_port)
     log.info("metrics on http://%s:%d/metrics (no key)", settings.metrics_host, listener.port)
     return listener
-
-
-def _no_op(tenant: str, name: str) -> None:
-    """Prefix changes are the resolver's; the key cache listens for revocations only."""
 
 
 def _namespace(settings: Settings) -> str:

@@ -13,7 +13,6 @@ from server.api.auth import Principal
 from server.api.backend import EngineBackend
 from server.api.guard import principal_of
 from server.api.middleware import annotate
-from server.api.resolver import PrefixResolver
 from server.api.state import Services
 from server.errors import FatalEngineError, ShuttingDownError
 
@@ -99,9 +98,3 @@ def get_store(services: ServicesDep) -> PrefixStore:
 
 StoreDep = Annotated[PrefixStore, Depends(get_store)]
 
-
-def get_resolver(services: ServicesDep) -> PrefixResolver:
-    return services.resolver
-
-
-ResolverDep = Annotated[PrefixResolver, Depends(get_resolver)]

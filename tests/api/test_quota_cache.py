@@ -73,7 +73,7 @@ async def test_an_announced_change_is_read_again_and_a_racing_read_is_not_truste
     await store.create_tenant("acme")
     clock, reads = Clock(), counting(store)
     cache = QuotaCache(store, Quota(), ttl_s=3600.0, clock=clock)
-    await store.subscribe(lambda t, n: None, on_quota=cache.expire)
+    await store.subscribe(on_quota=cache.expire)
     assert (await cache.get("acme")).weight == 1.0
     await store.update_quota("acme", {"weight": 2})  # announced: expired, still a known tenant
     assert "acme" in cache

@@ -35,9 +35,24 @@ async def test_a_revoked_key_is_announced(store: PrefixStore) -> None:
     await store.create_tenant("acme")
     await store.add_key("acme", "k1", HASH_A, 1.0)
     revoked: list[list[str]] = []
-    await store.subscribe(lambda t, n: None, on_revoked=revoked.append)
+    await store.subscribe(on_revoked=revoked.append)  # no change callback: optional
     await store.revoke_key("acme", "k1")
     await _until(lambda: [HASH_A] in revoked)
+
+
+async def test_a_subscriber_names_only_what_it_listens_for(
+    store: PrefixStore, make_artifact: MakeArtifact
+) -> None:
+    """No change callback to pass as a no-op: prefix changes reach the other subscribers only."""
+    changed: list[tuple[str, str]] = []
+    revoked: list[list[str]] = []
+    await store.subscribe(on_revoked=revoked.append)
+    await store.subscribe(lambda t, n: changed.append((t, n)))
+    await store.create_tenant("acme")
+    await store.put(make_artifact())
+    await store.add_key("acme", "k1", HASH_A, 1.0)
+    await store.revoke_key("acme", "k1")
+    await _until(lambda: ("acme", "style") in changed and [HASH_A] in revoked)
 
 
 async def test_a_revocation_reaches_another_process(redis_store: RedisStore, redis_url: str,
@@ -45,7 +60,7 @@ async def test_a_revocation_reaches_another_process(redis_store: RedisStore, red
     other = RedisStore(redis_url, namespace=namespace)  # another server sharing the registry
     try:
         revoked: list[list[str]] = []
-        await other.subscribe(lambda t, n: None, on_revoked=revoked.append)
+        await other.subscribe(on_revoked=revoked.append)
         await redis_store.create_tenant("acme")
         await redis_store.add_key("acme", "k1", HASH_A, 1.0)
         await redis_store.revoke_key("acme", "k1")
