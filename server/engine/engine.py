@@ -21,9 +21,9 @@ from server.engine import checks
 from server.engine.block_manager import BlockManager, PrefixBlocks
 from server.engine.config import EngineConfig, EngineStats, make_queue
 from server.engine.detokenizer import Detokenizer
+from server.engine.finishing import eos_ids, serve_error
 from server.engine.intake import Intake
 from server.engine.kv_pool import KVPool
-from server.engine.live import eos_ids, serve_error
 from server.engine.memory import plan_pool
 from server.engine.output import Finish, Item, Live, OutputProcessor, Tokens, use_thread
 from server.engine.prefixes import prefix_keys_values

@@ -1,4 +1,5 @@
-"""Small engine helpers: a per-request failure as an error, and the model's end-of-sequence ids."""
+"""How requests finish: at the model's end-of-sequence ids, or with a failure as an error of the
+error tree. (`Live`, a running request's output state, is in output.py.)"""
 
 from __future__ import annotations
 
