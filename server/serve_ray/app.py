@@ -9,6 +9,7 @@ stops it. A Ray Serve config file names `server.serve_ray.app:app_builder` inste
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from typing import Any
@@ -80,19 +81,35 @@ def _gpus(settings: Settings) -> float:
 
 
 def start(settings: Settings) -> str:
-    """Connect to Ray, deploy, and return the HTTP URL once every replica is up."""
+    """Connect to Ray, deploy, and return the HTTP URL once every replica is up.
+
+    Ray's own chatter stays out of the terminal: its actors' logs (the controller's and proxy's
+    INFO lines, colour-coded, and the raylet's note that the controller was killed on a clean
+    stop) are not streamed to this process unless --log-level is debug; they stay in Ray's log
+    directory (/tmp/ray/session_latest/logs), and Serve's own components log warnings only."""
+    verbose = settings.log_level == "debug"
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # no colour codes in what is streamed
     if not ray.is_initialized():
         ray.init(address=settings.ray_address, include_dashboard=False,
-                 logging_level=logging.WARNING)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
+                 logging_level=logging.DEBUG if verbose else logging.ERROR,
+                 log_to_driver=verbose)
+    if not verbose:  # Serve's client in this process: "Started Serve in namespace ..."
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    serve.start(http_options={"host": settings.host, "port": settings.port},
+                logging_config={"log_level": "DEBUG" if verbose else "WARNING"})
     serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
     host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     return f"http://{host}:{settings.port}"
 
 
 def stop() -> None:
-    """Delete the application and stop Serve (a local Ray cluster stops with the process)."""
-    serve.shutdown()
+    """Delete the application (its replicas drain), then disconnect: a local Ray cluster stops
+    with it; on a joined cluster (--ray-address) Serve itself stays up for its other apps.
+
+    Not `serve.shutdown()`: it kills the Serve controller while its graceful_shutdown task is
+    still pending, and the raylet then prints "ServeController.graceful_shutdown failed" on
+    every clean stop."""
+    serve.delete(APP_NAME)
     ray.shutdown()
 
 
