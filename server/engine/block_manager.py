@@ -3,7 +3,9 @@
 Pure Python (no torch): the KV pool (`kv_pool.py`) holds `num_blocks` blocks of `block_size` token
 slots each; this module decides which block ids hold what.
 - A running request holds a block table for its *own* tokens (prompt, then generated), grown one
-  block at a time as it needs them; it never reserves its maximum length.
+  block at a time as it needs them; it never reserves its maximum length. The tables live here,
+  keyed by request id (vLLM v1's `req_to_blocks`): nothing else holds or edits a block list, and
+  the scheduler copies them into each step's frozen plan.
 - A prefix's K/V live in blocks written once and shared by every running request that uses it,
   counted by `holders`. KV memory in use is therefore Σ(distinct prefixes) + Σ(own tokens, rounded
   up to a block), never prefix length × requests.
@@ -18,7 +20,14 @@ import heapq
 from collections import OrderedDict
 from dataclasses import dataclass
 
-PrefixKey = tuple[str, str, int]  # (form, content hash, length): same content, same K/V
+
+@dataclass(frozen=True)
+class PrefixKey:
+    """What identifies a prefix's K/V: same form, content and length, same K/V."""
+
+    form: str
+    content_hash: str
+    length: int
 
 
 @dataclass(eq=False)
@@ -57,6 +66,8 @@ class BlockManager:
             raise ValueError("num_blocks and block_size must be >= 1")
         self.num_blocks, self.block_size = num_blocks, block_size
         self._free: list[int] = list(range(num_blocks))  # a heap: lowest id first
+        self._tables: dict[str, list[int]] = {}  # request id -> its own block table
+        self._held: dict[str, PrefixBlocks] = {}  # request id -> the prefix entry it holds
         self._prefixes: dict[PrefixKey, PrefixBlocks] = {}
         self._idle: OrderedDict[PrefixKey, PrefixBlocks] = OrderedDict()  # LRU first
         self._idle_blocks = 0
@@ -86,9 +97,18 @@ class BlockManager:
 
     # -- request blocks -----------------------------------------------------------------------
 
-    def grow(self, table: list[int], tokens: int) -> bool:
-        """Append blocks to `table` until it holds `tokens` slots; False (and nothing taken)
-        when the pool cannot."""
+    def table(self, request_id: str) -> tuple[int, ...]:
+        """The request's own block table (empty when it holds none)."""
+        return tuple(self._tables.get(request_id, ()))
+
+    def held(self, request_id: str) -> int:
+        """Own blocks the request holds."""
+        return len(self._tables.get(request_id, ()))
+
+    def grow(self, request_id: str, tokens: int) -> bool:
+        """Give the request blocks until its table holds `tokens` slots; False (and nothing
+        taken) when the pool cannot."""
+        table = self._tables.setdefault(request_id, [])
         need = self.blocks_for(tokens) - len(table)
         if need <= 0:
             return True
@@ -97,11 +117,13 @@ class BlockManager:
         table.extend(self._take(need))
         return True
 
-    def free(self, table: list[int]) -> None:
-        """Return a request's own blocks to the pool (the table is emptied)."""
-        for block in table:
+    def free(self, request_id: str) -> None:
+        """Return the request's own blocks to the pool and let go of its prefix."""
+        for block in self._tables.pop(request_id, ()):
             heapq.heappush(self._free, block)
-        table.clear()
+        entry = self._held.pop(request_id, None)
+        if entry is not None:
+            self.release_prefix(entry)
 
     # -- prefix blocks ------------------------------------------------------------------------
 
@@ -110,7 +132,7 @@ class BlockManager:
         blocks when it is idle (they stop being reclaimable), new blocks when absent."""
         entry = self._prefixes.get(key)
         if entry is None:
-            return self.blocks_for(key[2])
+            return self.blocks_for(key.length)
         return 0 if entry.holders else len(entry.blocks)
 
     def acquire_prefix(self, key: PrefixKey) -> PrefixBlocks | None:
@@ -124,7 +146,7 @@ class BlockManager:
             entry.holders += 1
             self._counters.hits += 1
             return entry
-        length = key[2]
+        length = key.length
         need = self.blocks_for(length)
         if need > self.num_free:
             return None
@@ -133,6 +155,32 @@ class BlockManager:
         self._prefix_blocks += need
         self._counters.misses += 1
         return entry
+
+    def hold_prefix(self, request_id: str, key: PrefixKey) -> PrefixBlocks | None:
+        """`acquire_prefix` on behalf of a request: `free(request_id)` lets go of it."""
+        if request_id in self._held:
+            raise ValueError(f"request {request_id!r} already holds a prefix")
+        entry = self.acquire_prefix(key)
+        if entry is not None:
+            self._held[request_id] = entry
+        return entry
+
+    def prefix_of(self, request_id: str) -> PrefixBlocks | None:
+        """The prefix entry the request holds, if any."""
+        return self._held.get(request_id)
+
+    def is_written(self, key: PrefixKey) -> bool:
+        entry = self._prefixes.get(key)
+        return entry is not None and entry.written
+
+    def prefix_blocks(self, key: PrefixKey) -> tuple[int, ...]:
+        """The blocks holding the prefix `key` (empty when it is not in the pool)."""
+        entry = self._prefixes.get(key)
+        return tuple(entry.blocks) if entry is not None else ()
+
+    def written(self, key: PrefixKey) -> None:
+        """The prefix's K/V are in its blocks: it may stay cached once idle."""
+        self._prefixes[key].written = True
 
     def release_prefix(self, entry: PrefixBlocks) -> None:
         """One holder left; the last one leaves the prefix cached (idle) for the next request."""
@@ -143,9 +191,10 @@ class BlockManager:
             self._idle[entry.key] = entry
             self._idle_blocks += len(entry.blocks)
 
-    def drop_prefix(self, entry: PrefixBlocks) -> None:
+    def drop_prefix(self, key: PrefixKey) -> None:
         """Forget a prefix whose K/V could not be computed; its holders must release it too."""
-        if self._prefixes.get(entry.key) is entry and entry.holders == 0:
+        entry = self._prefixes.get(key)
+        if entry is not None and entry.holders == 0:
             self._drop(entry)
 
     # -- internals ----------------------------------------------------------------------------

@@ -12,13 +12,13 @@ import itertools
 import logging
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import torch
 
 from server.engine import checks
-from server.engine.block_manager import BlockManager, PrefixBlocks
+from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig, EngineStats, make_queue
 from server.engine.detokenizer import Detokenizer
 from server.engine.finishing import eos_ids, serve_error
@@ -30,7 +30,7 @@ from server.engine.prefixes import prefix_keys_values
 from server.engine.request import EngineRequest, FinishReason, Request, now
 from server.engine.runner import Runner
 from server.engine.sampler import finite_rows, make_generator, sample
-from server.engine.scheduler import Scheduler, SchedulerLimits, StepPlan, Work
+from server.engine.scheduler import NewPrefix, Scheduler, SchedulerLimits, StepPlan, Work
 from server.engine.stream import RequestStream
 from server.errors import (
     FatalEngineError,
@@ -179,7 +179,7 @@ class Engine:
     def _run(self, plan: StepPlan) -> tuple[list[Work], list[int]]:
         """Write new prefixes, then one forward and sampling for the step's work. A failure a
         request caused fails that request alone. Returns the sampling work and its tokens."""
-        self.intake.admitted(plan.admitted)
+        self.intake.admitted([self._live[rid].request for rid in plan.admitted])
         self.pool.prepare(self.blocks.high_water)  # blocks handed out for the first time
         work = self._write_prefixes(plan)
         try:
@@ -190,11 +190,11 @@ class Engine:
             log.warning("a step failed; running its %d requests one by one", len(work))
             return self._isolate(work)
 
-    def _forward(self, work: list[Work]) -> tuple[list[Work], list[int]]:
+    def _forward(self, work: Sequence[Work]) -> tuple[list[Work], list[int]]:
         started = now()
         logits = self.runner.run(work)  # [samplers, vocab]
         samplers = [w for w in work if w.samples]
-        lives = [self._live[w.request.request_id] for w in samplers]
+        lives = [self._live[w.request_id] for w in samplers]
         if self.config.record_logits:
             for live, row in zip(lives, logits, strict=True):
                 if not live.request.output_ids:
@@ -214,23 +214,24 @@ class Engine:
         kept = [(w, t) for w, t, ok in zip(samplers, tokens, finite, strict=True) if ok]
         for item, ok in zip(samplers, finite, strict=True):
             if not ok:
-                self._fail_non_finite(self._live[item.request.request_id])
+                self._fail_non_finite(self._live[item.request_id])
         return [w for w, _ in kept], [t for _, t in kept]
 
     def _fail_non_finite(self, live: Live) -> None:
         """NaN/inf logits mean NaN/inf somewhere in the K/V this request read or wrote: zero
         its own blocks before they return to the pool, then fail it (docs/security.md)."""
         request, prefix = live.request, live.request.spec.prefix
+        blocks = self.blocks.table(request.request_id)
         log.warning("request %s (tenant %r, prefix %r v%s %s) gave non-finite logits: failed, "
                     "its %d KV blocks zeroed", request.request_id, request.tenant.name,
                     prefix and prefix.name, prefix and prefix.version,
-                    prefix and prefix.content_hash[:12], len(request.blocks))
-        self.pool.scrub(request.blocks)
+                    prefix and prefix.content_hash[:12], len(blocks))
+        self.pool.scrub(list(blocks))
         why = f": prefix {prefix.name!r} overflows the served model" if prefix is not None else ""
         self._finish(live, FinishReason.ERROR, NonFiniteOutputError(
             f"the model's output for this request is not finite (NaN/inf){why}"))
 
-    def _isolate(self, work: list[Work]) -> tuple[list[Work], list[int]]:
+    def _isolate(self, work: Sequence[Work]) -> tuple[list[Work], list[int]]:
         """Run each request of a failed step alone; those that fail alone fail. When all of them
         do, the fault is not theirs (several in one step, or steps in a row): the engine dies."""
         samplers: list[Work] = []
@@ -251,8 +252,8 @@ class Engine:
             cause = failed[0][1]
             raise FatalEngineError(f"every request of the step failed alone: {cause!r}") from cause
         for item, error in failed:
-            log.warning("request %s failed: %r", item.request.request_id, error)
-            self._finish(self._live[item.request.request_id], FinishReason.ERROR,
+            log.warning("request %s failed: %r", item.request_id, error)
+            self._finish(self._live[item.request_id], FinishReason.ERROR,
                          serve_error(error))
         return samplers, tokens
 
@@ -261,28 +262,27 @@ class Engine:
         requests. Returns the plan's work without theirs."""
         failed: set[str] = set()
         for entry in plan.new_prefixes:
-            holders = [w.request for w in plan.work if w.request.prefix is entry]
             try:
-                source = holders[0].spec.prefix
+                source = self._live[entry.holders[0]].request.spec.prefix
                 assert source is not None
                 keys, values = prefix_keys_values(self.loaded, source)
-                self.pool.write_prefix(entry.blocks, keys, values)
-                entry.written = True
+                self.pool.write_prefix(list(entry.blocks), keys, values)
+                self.blocks.written(entry.key)
             except _FATAL:
                 raise
             except Exception as exc:  # noqa: BLE001 - a bad prefix fails its own requests only
-                self._fail_prefix(entry, holders, serve_error(exc))
-                failed.update(r.request_id for r in holders)
-        return [w for w in plan.work if w.request.request_id not in failed]
+                self._fail_prefix(entry, serve_error(exc))
+                failed.update(entry.holders)
+        return [w for w in plan.work if w.request_id not in failed]
 
-    def _fail_prefix(self, entry: PrefixBlocks, holders: list[Request], error: ServeError) -> None:
-        for request in holders:
-            self._finish(self._live[request.request_id], FinishReason.ERROR, error)
-        self.blocks.drop_prefix(entry)
+    def _fail_prefix(self, entry: NewPrefix, error: ServeError) -> None:
+        for request_id in entry.holders:
+            self._finish(self._live[request_id], FinishReason.ERROR, error)
+        self.blocks.drop_prefix(entry.key)
 
     def _update(self, samplers: list[Work], tokens: list[int]) -> None:
         for item, token in zip(samplers, tokens, strict=True):
-            live = self._live.get(item.request.request_id)
+            live = self._live.get(item.request_id)
             if live is not None:
                 self._accept(live, token)
 

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     import torch
 
     from prefix_registry.fingerprint import ModelFingerprint
-    from server.engine.block_manager import PrefixBlocks
 
 
 @dataclass(frozen=True)
@@ -139,8 +138,9 @@ class Request:
     """One request's state inside the engine: one status plus counters (engine thread only).
 
     Its own tokens are `prompt_ids + output_ids`; own token `i` has position id `prefix_len + i`
-    (the prefix's tokens come first, PEFT's convention) and sits in slot `i` of its block table
-    `blocks`. The prefix's K/V live in shared blocks (`prefix`). `num_computed` own tokens have
+    (the prefix's tokens come first, PEFT's convention) and sits in slot `i` of its block table,
+    which the block manager holds under its id, as it holds the shared prefix blocks it reads
+    (`BlockManager.table`, `prefix_of`). `num_computed` own tokens have
     their K/V in the cache; once it reaches `num_tokens`, the last token's logits give the next
     output token. A preempted request loses its blocks and recomputes its tokens on return.
     """
@@ -152,8 +152,6 @@ class Request:
     status: Status = Status.WAITING
     num_computed: int = 0  # own tokens whose K/V are in the cache
     output_ids: list[int] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)  # own block table (KV pool block ids)
-    prefix: PrefixBlocks | None = None  # the shared prefix blocks it holds while running
     admitted_at: float | None = None  # first admission (a preempted request keeps it)
     first_token_at: float | None = None
     finish_reason: FinishReason | None = None

@@ -9,6 +9,8 @@ sampled request, not one per prompt token.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from server.engine.attention import RowLayout, StepAttention, StepLayout, install
@@ -27,23 +29,23 @@ class Runner:
         self._no_mask = torch.zeros(1, 1, 1, 1, dtype=loaded.dtype, device=self.device)
 
     @torch.no_grad()
-    def run(self, work: list[Work]) -> torch.Tensor:
+    def run(self, work: Sequence[Work]) -> torch.Tensor:
         """Compute `work`'s tokens into the pool. Returns float32 logits [samplers, vocab], one
-        row for each work item that samples, in `work` order."""
+        row for each work item that samples, in `work` order. Reads only the plan's plain data
+        (ids, positions, block ids), never a request."""
         ids: list[int] = []
         positions: list[int] = []
         rows: list[RowLayout] = []
         keep: list[int] = []
         for item in work:
-            request, start, length = item.request, item.start, item.length
-            first = request.prefix_len + start
+            start, length = item.start, item.length
+            first = item.prefix_len + start
             rows.append(RowLayout(
                 query_start=len(ids), query_len=length, own_start=start,
-                own_blocks=request.blocks,
-                prefix_blocks=request.prefix.blocks if request.prefix is not None else [],
-                prefix_len=request.prefix_len,
+                own_blocks=list(item.blocks), prefix_blocks=list(item.prefix_blocks),
+                prefix_len=item.prefix_len,
             ))
-            ids.extend(request.token_ids(start, start + length))
+            ids.extend(item.token_ids)
             positions.extend(range(first, first + length))
             if item.samples:
                 keep.append(len(ids) - 1)

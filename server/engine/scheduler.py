@@ -21,36 +21,73 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from server.engine.block_manager import BlockManager, PrefixBlocks
+from server.engine.block_manager import BlockManager, PrefixKey
 from server.engine.fairness import WaitQueue
 from server.engine.request import Request, Status
 
 
 @dataclass(frozen=True)
 class Work:
-    """One request's share of a step: own tokens [start, start + length)."""
+    """One request's share of a step, as plain data: the runner reads nothing else.
 
-    request: Request
-    start: int  # first own token computed this step (position id = prefix_len + start)
-    length: int  # own tokens computed this step (1 when decoding)
+    Own tokens [start, start + length) are computed; own token `i` has position id
+    `prefix_len + i` and lives in slot `i` of `blocks`; the prefix's K/V are in `prefix_blocks`.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]  # own tokens computed this step
+    start: int  # first own token computed this step
+    blocks: tuple[int, ...]  # its own block table (covers start + length tokens)
+    prefix_blocks: tuple[int, ...]  # its prefix's shared blocks (empty without a prefix)
+    prefix_len: int
     samples: bool  # it reaches the request's last known token, whose logits give the next one
 
-    @classmethod
-    def next_tokens(cls, request: Request, length: int) -> Work:
-        start = request.num_computed
-        return cls(request, start, length, start + length == request.num_tokens)
+    @property
+    def length(self) -> int:
+        """Own tokens computed this step (1 when decoding)."""
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class NewPrefix:
+    """A prefix entry new to the pool this step: its K/V are written before the forward."""
+
+    key: PrefixKey
+    blocks: tuple[int, ...]
+    holders: tuple[str, ...]  # ids of this step's requests that read it
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    work: list[Work] = field(default_factory=list)  # decodes first, then prompt chunks
-    new_prefixes: list[PrefixBlocks] = field(default_factory=list)  # K/V to write first
-    preempted: list[Request] = field(default_factory=list)
-    admitted: list[Request] = field(default_factory=list)  # running for the first time
+    work: tuple[Work, ...] = ()  # decodes first, then prompt chunks
+    new_prefixes: tuple[NewPrefix, ...] = ()  # K/V to write first
+    preempted: tuple[str, ...] = ()  # request ids
+    admitted: tuple[str, ...] = ()  # request ids running for the first time
 
     @property
     def empty(self) -> bool:
         return not self.work
+
+
+@dataclass
+class _Draft:
+    """A step being planned (mutable; `Scheduler._freeze` turns it into a `StepPlan`)."""
+
+    budget: int
+    rows: list[tuple[Request, int]] = field(default_factory=list)  # (request, own tokens)
+    new_prefixes: list[PrefixKey] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+    admitted: list[str] = field(default_factory=list)
+
+    def plan(self, request: Request, length: int) -> None:
+        self.rows.append((request, length))
+        self.budget -= length
+
+    def refund(self, request: Request) -> None:
+        """Drop `request`'s planned tokens (it was preempted): the budget gets them back."""
+        for row in [row for row in self.rows if row[0] is request]:
+            self.rows.remove(row)
+            self.budget += row[1]
 
 
 @dataclass(frozen=True)
@@ -84,27 +121,28 @@ class Scheduler:
         self.queue.add(request, self._eligible)
 
     def schedule(self, now: float) -> StepPlan:
-        plan = StepPlan()
-        budget = self.limits.max_tokens
+        draft = _Draft(self.limits.max_tokens)
         for decoding in (True, False):
             for request in list(self.running):
-                if budget == 0:
+                if draft.budget == 0:
                     break
                 if request.status is Status.RUNNING and (request.tokens_left == 1) == decoding:
-                    budget -= self._continue(request, budget, plan)
+                    self._continue(request, draft)
         growth = sum(self._growth(r) for r in self.running)
-        while not plan.preempted and budget and len(self.running) < self.limits.max_running:
+        while not draft.preempted and draft.budget and len(self.running) < self.limits.max_running:
             waiting = self.queue.next(self._eligible)
-            if waiting is None or not self._admit(waiting, budget, plan, now, growth):
+            if waiting is None or not self._admit(waiting, draft, now, growth):
                 break
-            budget -= plan.work[-1].length
             growth += self._growth(waiting)
-        return plan
+        return self._freeze(draft)
 
     def commit(self, plan: StepPlan) -> None:
         """The forward ran: the planned tokens' K/V are in the cache."""
+        running = {r.request_id: r for r in self.running}
         for work in plan.work:
-            work.request.num_computed += work.length
+            request = running.get(work.request_id)  # gone if it failed during the step
+            if request is not None:
+                request.num_computed += work.length
 
     def generated(self, request: Request) -> None:
         """`request` got one more output token (service for the fairness policy)."""
@@ -121,16 +159,17 @@ class Scheduler:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _continue(self, request: Request, budget: int, plan: StepPlan) -> int:
-        """Plan a running request's next tokens, preempting newer ones for blocks if needed."""
-        length = min(request.tokens_left, budget)
-        while not self.blocks.grow(request.blocks, request.num_computed + length):
+    def _continue(self, request: Request, draft: _Draft) -> None:
+        """Plan a running request's next tokens, preempting newer ones for blocks if needed
+        (their planned tokens go back into the budget, which this request may then use)."""
+        while True:
+            length = min(request.tokens_left, draft.budget)
+            if self.blocks.grow(request.request_id, request.num_computed + length):
+                return draft.plan(request, length)
             victim = self._victim(request)
-            self._preempt(victim, plan)
+            self._preempt(victim, draft)
             if victim is request:
-                return 0
-        plan.work.append(Work.next_tokens(request, length))
-        return length
+                return
 
     def _victim(self, request: Request) -> Request:
         """Whom `request` takes blocks from (the module docstring's rule): its own tenant's
@@ -141,16 +180,14 @@ class Scheduler:
         held: Counter[str] = Counter()  # tenant -> blocks its running requests hold
         for running in self.running:
             newest[running.tenant.name] = running
-            held[running.tenant.name] += len(running.blocks)
+            held[running.tenant.name] += self.blocks.held(running.request_id)
         if newest[tenant] is not request:
             return newest[tenant]
         heaviest = max(held, key=lambda name: held[name])
         return newest[heaviest] if held[heaviest] > held[tenant] else request
 
-    def _preempt(self, request: Request, plan: StepPlan) -> None:
-        refund = [w for w in plan.work if w.request is request]
-        for work in refund:
-            plan.work.remove(work)
+    def _preempt(self, request: Request, draft: _Draft) -> None:
+        draft.refund(request)
         self._leave(request)
         # Its recompute is service its tenant gets again: charged to it, not to the others.
         self.queue.recomputed(request, request.num_computed)
@@ -158,7 +195,7 @@ class Scheduler:
         request.preemptions += 1
         self.preemptions += 1
         self.tenant_preemptions[request.tenant.name] += 1
-        plan.preempted.append(request)
+        draft.preempted.append(request.request_id)
         self.requeued += 1
         self.queue.requeue(request)
 
@@ -167,44 +204,76 @@ class Scheduler:
         end), beyond those it holds."""
         last = len(request.prompt_ids) + request.sampling.max_new_tokens - 1
         tokens = min(last, request.num_tokens + self.limits.lookahead)
-        return max(0, self.blocks.blocks_for(tokens) - len(request.blocks))
+        return max(0, self.blocks.blocks_for(tokens) - self.blocks.held(request.request_id))
 
-    def _admit(
-        self, request: Request, budget: int, plan: StepPlan, now: float, growth: int
-    ) -> bool:
+    def _admit(self, request: Request, draft: _Draft, now: float, growth: int) -> bool:
         """Give `request` its prefix blocks and blocks for its first chunk, if that leaves the
         watermark plus the growth of the running requests (and of this one) free."""
-        length = min(request.tokens_left, budget)
+        length = min(request.tokens_left, draft.budget)
         own = self.blocks.blocks_for(length)  # taken now; the rest of its growth is reserved
         reserve = self.limits.watermark + growth + self._growth(request) - own
         prefix = request.spec.prefix
-        key = None if prefix is None else (prefix.form, prefix.content_hash, prefix.prefix_len)
+        key = None if prefix is None else PrefixKey(prefix.form, prefix.content_hash,
+                                                    prefix.prefix_len)
         cost = own + (0 if key is None else self.blocks.prefix_cost(key))
-        if cost + reserve > self.blocks.num_free:
+        if cost + reserve > self.blocks.num_free or not self._take(request, key, length):
             return False
-        entry = None if key is None else self.blocks.acquire_prefix(key)
-        self.blocks.grow(request.blocks, length)
-        if entry is not None and not entry.written and entry not in plan.new_prefixes:
-            plan.new_prefixes.append(entry)
+        if key is not None and not self.blocks.is_written(key) and key not in draft.new_prefixes:
+            draft.new_prefixes.append(key)
         if request.admitted_at is None:
             request.admitted_at = now
-            plan.admitted.append(request)
+            draft.admitted.append(request.request_id)
         else:
             self.requeued -= 1
-        request.prefix, request.status = entry, Status.RUNNING
+        request.status = Status.RUNNING
         self.queue.admitted(request)
         self.running.append(request)
         self._tenant_running[request.tenant.name] += 1
-        plan.work.append(Work.next_tokens(request, length))
+        draft.plan(request, length)
+        return True
+
+    def _take(self, request: Request, key: PrefixKey | None, length: int) -> bool:
+        """Hold `request`'s prefix and blocks for `length` own tokens, all or nothing."""
+        rid = request.request_id
+        if key is not None and self.blocks.hold_prefix(rid, key) is None:
+            return False
+        if not self.blocks.grow(rid, length):
+            self.blocks.free(rid)
+            return False
         return True
 
     def _leave(self, request: Request) -> None:
         self.running.remove(request)
         self._tenant_running[request.tenant.name] -= 1
-        self.blocks.free(request.blocks)
-        if request.prefix is not None:
-            self.blocks.release_prefix(request.prefix)
-            request.prefix = None
+        self.blocks.free(request.request_id)
+
+    def _freeze(self, draft: _Draft) -> StepPlan:
+        """The draft as plain data, with the block tables as they stand after all growth."""
+        work = tuple(self._work(request, length) for request, length in draft.rows)
+        new = (self._new_prefix(key, work) for key in draft.new_prefixes)
+        return StepPlan(
+            work=work,
+            new_prefixes=tuple(entry for entry in new if entry.holders),  # not all preempted
+            preempted=tuple(draft.preempted), admitted=tuple(draft.admitted),
+        )
+
+    def _work(self, request: Request, length: int) -> Work:
+        rid, start = request.request_id, request.num_computed
+        prefix = self.blocks.prefix_of(rid)
+        return Work(
+            request_id=rid, token_ids=tuple(request.token_ids(start, start + length)),
+            start=start, blocks=self.blocks.table(rid),
+            prefix_blocks=tuple(prefix.blocks) if prefix is not None else (),
+            prefix_len=request.prefix_len, samples=start + length == request.num_tokens,
+        )
+
+    def _new_prefix(self, key: PrefixKey, work: tuple[Work, ...]) -> NewPrefix:
+        holders = tuple(w.request_id for w in work if self._holds(w.request_id, key))
+        return NewPrefix(key, self.blocks.prefix_blocks(key), holders)
+
+    def _holds(self, request_id: str, key: PrefixKey) -> bool:
+        entry = self.blocks.prefix_of(request_id)
+        return entry is not None and entry.key == key
 
     def _eligible(self, request: Request) -> bool:
         cap = request.tenant.max_running

@@ -85,6 +85,7 @@ class StepTrace:
     steps: list[list[Work]] = field(default_factory=list)  # step -> the work it computed
     arrivals: dict[str, int] = field(default_factory=dict)  # request id -> first step it may run
     tenants: dict[str, str] = field(default_factory=dict)  # request id -> tenant name
+    prompts: dict[str, int] = field(default_factory=dict)  # request id -> prompt tokens
     hold_at: int | None = None
     reached: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
@@ -105,6 +106,7 @@ class StepTrace:
         def traced_add(request: Request) -> None:
             trace.arrivals[request.request_id] = len(trace.steps)
             trace.tenants[request.request_id] = request.tenant.name
+            trace.prompts[request.request_id] = len(request.prompt_ids)
             add(request)
 
         engine.runner.run = traced_run  # type: ignore[method-assign]
@@ -116,13 +118,13 @@ class StepTrace:
         first: dict[str, int] = {}
         for step, work in enumerate(self.steps):
             for item in work:
-                first.setdefault(item.request.request_id, step)
+                first.setdefault(item.request_id, step)
         return first
 
     def token_steps(self, request_id: str) -> list[int]:
         """The steps that sampled a token for `request_id`."""
         return [step for step, work in enumerate(self.steps) for item in work
-                if item.request.request_id == request_id and item.samples]
+                if item.request_id == request_id and item.samples]
 
     def backlogged(self, tenant: str) -> list[bool]:
         """Per step: `tenant` had a request waiting when the step was scheduled."""
@@ -135,8 +137,8 @@ class StepTrace:
         """Tenant -> weighted tokens the step computed for it: prompt tokens plus tokens made."""
         served: Counter[str] = Counter()
         for item in self.steps[step]:
-            prompt = len(item.request.prompt_ids)
+            prompt = self.prompts[item.request_id]
             prompt_tokens = max(0, min(item.start + item.length, prompt) - item.start)
-            served[item.request.tenant.name] += (prompt_weight * prompt_tokens
+            served[self.tenants[item.request_id]] += (prompt_weight * prompt_tokens
                                                  + output_weight * item.samples)
         return served

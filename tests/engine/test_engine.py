@@ -190,7 +190,7 @@ async def test_a_failure_one_request_causes_fails_that_request_only(load_tiny) -
         run = engine.runner.run
 
         def failing(work):
-            if any(w.request.request_id == "boom" for w in work):
+            if any(w.request_id == "boom" for w in work):
                 raise RuntimeError("bad input")
             return run(work)
 
@@ -257,7 +257,7 @@ async def test_a_long_prompt_never_stalls_running_streams(load_tiny) -> None:
     log: list[list[tuple[str, int]]] = []  # per step: (request id, tokens)
     run = engine.runner.run
     engine.runner.run = lambda work: (  # type: ignore[method-assign]
-        log.append([(w.request.request_id, w.length) for w in work]) or run(work))
+        log.append([(w.request_id, w.length) for w in work]) or run(work))
     engine.start()
     streaming = engine.submit(dataclasses.replace(_req(60), request_id="stream"))
     assert isinstance(await streaming.__anext__(), TextDelta)

@@ -22,7 +22,7 @@ import torch
 
 from prefix_registry.fingerprint import ModelFingerprint
 from server.engine import EngineRequest, PrefixSource, SamplingParams
-from server.engine.block_manager import BlockManager
+from server.engine.block_manager import BlockManager, PrefixKey
 from server.engine.config import EngineConfig
 from server.engine.memory import plan_pool
 from server.engine.request import TenantShare
@@ -158,5 +158,5 @@ async def test_a_prefix_breaking_the_engine_invariants_fails_only_its_request(lo
 def test_the_block_manager_takes_nothing_for_an_empty_prefix() -> None:
     """Defence in depth below the door: no IndexError for a length of 0."""
     blocks = BlockManager(4, 4)
-    entry = blocks.acquire_prefix(("kv", "h", 0))
+    entry = blocks.acquire_prefix(PrefixKey("kv", "h", 0))
     assert entry is not None and entry.blocks == [] and blocks.num_free == 4

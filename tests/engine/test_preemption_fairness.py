@@ -63,7 +63,7 @@ async def _light_beside_hog(loaded: LoadedModel) -> tuple[StepTrace, dict[str, i
 def _light_restarts(trace: StepTrace) -> int:
     """How many times the light request's first token was computed again (preempted)."""
     return sum(1 for work in trace.steps for item in work
-               if item.request.request_id == "light" and item.start == 0) - 1
+               if item.request_id == "light" and item.start == 0) - 1
 
 
 async def test_a_hogs_growth_never_preempts_a_light_tenant(load_tiny) -> None:
@@ -111,11 +111,12 @@ def test_the_recompute_of_a_preempted_request_is_charged_to_its_tenant() -> None
         s.commit(plan)
         for work in plan.work:
             if work.samples:
-                work.request.output_ids.append(7)
-                s.generated(work.request)
+                request = {"old": old, "new": new}[work.request_id]
+                request.output_ids.append(7)
+                s.generated(request)
     before = queue.counters()["hog"]
     plan = s.schedule(0.0)  # old needs a third block: its own tenant's newest gives it back
-    assert plan.preempted == [new] and s.tenant_preemptions == {"hog": 1}
+    assert plan.preempted == ("new",) and s.tenant_preemptions == {"hog": 1}
     assert queue.counters()["hog"] == before + 8  # the 8 tokens new had computed
 
 

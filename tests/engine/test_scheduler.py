@@ -30,18 +30,19 @@ def _scheduler(blocks: int = 64, block_size: int = 4, running: int = 8, tokens: 
                      SchedulerLimits(running, tokens, watermark, lookahead))
 
 
-def _step(s: Scheduler, *sampled: Request) -> StepPlan:
+def _step(s: Scheduler) -> StepPlan:
     """Schedule, then pretend the forward ran and every sampling request got a token."""
     plan = s.schedule(0.0)
+    running = {r.request_id: r for r in s.running}
     s.commit(plan)
     for work in plan.work:
         if work.samples:
-            work.request.output_ids.append(7)
+            running[work.request_id].output_ids.append(7)
     return plan
 
 
 def _shares(plan: StepPlan) -> dict[str, int]:
-    return {w.request.request_id: w.length for w in plan.work}
+    return {w.request_id: w.length for w in plan.work}
 
 
 def test_prompts_are_chunked_under_the_token_budget_and_decodes_come_first() -> None:
@@ -62,12 +63,12 @@ def test_blocks_grow_with_the_request_and_return_when_it_finishes() -> None:
     a = _request("a", 3)
     s.add(a)
     _step(s)
-    assert a.blocks == [0]
+    assert s.blocks.table("a") == (0,)
     _step(s)  # token 4 (index 3) still fits block 0
-    _step(s)  # index 4 needs a second block
-    assert a.blocks == [0, 1]
+    plan = _step(s)  # index 4 needs a second block
+    assert s.blocks.table("a") == (0, 1) and plan.work[0].blocks == (0, 1)
     s.finish(a)
-    assert a.status is Status.FINISHED and a.blocks == [] and s.blocks.num_free == 64
+    assert a.status is Status.FINISHED and s.blocks.table("a") == () and s.blocks.num_free == 64
 
 
 def test_requests_sharing_a_prefix_hold_its_blocks_once() -> None:
@@ -78,7 +79,8 @@ def test_requests_sharing_a_prefix_hold_its_blocks_once() -> None:
     plan = s.schedule(0.0)
     assert len(plan.new_prefixes) == 1  # written once, before the forward
     entry = plan.new_prefixes[0]
-    assert entry.holders == 3 and all(r.prefix is entry for r in requests)
+    assert entry.holders == ("r0", "r1", "r2") and entry.blocks == (0, 1)
+    assert all(w.prefix_blocks == (0, 1) and w.prefix_len == 6 for w in plan.work)
     stats = s.blocks.stats()
     assert stats.prefix == 2 and stats.used == 2 + 3 * 2  # 6-token prefix + 3 x 5 own tokens
 
@@ -92,12 +94,12 @@ def test_the_newest_request_is_preempted_when_blocks_run_out() -> None:
     assert s.blocks.num_free == 0
     _step(s)  # each writes its 8th token: still in its second block
     plan = _step(s)  # old needs a third block: new gives its blocks back
-    assert plan.preempted == [new] and _shares(plan) == {"old": 1}
-    assert new.status is Status.WAITING and new.num_computed == 0 and new.blocks == []
+    assert plan.preempted == ("new",) and _shares(plan) == {"old": 1}
+    assert new.status is Status.WAITING and new.num_computed == 0 and s.blocks.held("new") == 0
     assert new.output_ids == [7, 7] and s.preemptions == 1  # its tokens are kept
     s.finish(old)
     plan = s.schedule(0.0)  # back first in line: recomputes prompt and outputs, then samples
-    assert _shares(plan) == {"new": 9} and plan.work[0].samples and plan.admitted == []
+    assert _shares(plan) == {"new": 9} and plan.work[0].samples and plan.admitted == ()
 
 
 def test_a_request_preempts_itself_when_it_is_the_newest() -> None:
@@ -108,7 +110,7 @@ def test_a_request_preempts_itself_when_it_is_the_newest() -> None:
     _step(s)
     assert s.blocks.num_free == 0
     plan = _step(s)  # both need a new block; old takes new's
-    assert plan.preempted == [new] and _shares(plan) == {"old": 1}
+    assert plan.preempted == ("new",) and _shares(plan) == {"old": 1}
 
 
 def test_admission_keeps_the_watermark_free_and_respects_the_running_cap() -> None:
@@ -168,3 +170,45 @@ def test_the_lookahead_stops_at_a_request_s_end() -> None:
     s.add(short)
     s.add(other)
     assert _shares(_step(s)) == {"s": 3, "o": 3}  # 4 tokens each at most: one block each
+
+
+def test_a_preempted_victim_s_tokens_go_back_into_the_step_s_budget() -> None:
+    """The light tenant's prompt chunk needs blocks held by the heavy tenant, whose newest
+    request was already planned (a decode): preempting it refunds its token, and the chunk
+    grows by it, so the step still computes the whole budget (5 tokens before the refund)."""
+    s = _scheduler(blocks=6, block_size=2, running=3, tokens=6)
+    heavy, light = TenantShare("heavy"), TenantShare("light")
+    for request in (_request("b1", 2, tenant=heavy), _request("b2", 2, tenant=heavy),
+                    _request("p", 8, tenant=light)):
+        s.add(request)
+    assert _shares(_step(s)) == {"b1": 2, "b2": 2, "p": 2}
+    plan = _step(s)
+    assert plan.preempted == ("b2",)
+    assert _shares(plan) == {"b1": 1, "p": 5}
+    assert sum(w.length for w in plan.work) == s.limits.max_tokens
+
+
+class _RefusingBlocks(BlockManager):
+    """A pool whose growth fails for one request although admission's arithmetic said it
+    fits (what a miscounted reserve would do): admission must check what it got."""
+
+    def __init__(self, refuse: str) -> None:
+        super().__init__(64, 4)
+        self.refuse = refuse
+
+    def grow(self, request_id: str, tokens: int) -> bool:
+        return request_id != self.refuse and super().grow(request_id, tokens)
+
+
+def test_a_failed_grow_at_admission_leaves_the_request_waiting_and_holding_nothing() -> None:
+    s = Scheduler(_RefusingBlocks("b"), FifoQueue(), SchedulerLimits(8, 16))
+    a, b = _request("a", 3, prefix=PREFIX), _request("b", 3, prefix=PREFIX)
+    s.add(a)
+    s.add(b)
+    plan = s.schedule(0.0)
+    assert _shares(plan) == {"a": 3} and plan.admitted == ("a",)
+    assert b.status is Status.WAITING and b not in s.running and len(s.queue) == 1
+    assert s.blocks.held("b") == 0 and s.blocks.prefix_of("b") is None
+    assert plan.new_prefixes[0].holders == ("a",)
+    entry = s.blocks.prefix_of("a")
+    assert entry is not None and entry.holders == 1  # b's hold was given back
