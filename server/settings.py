@@ -83,6 +83,16 @@ class Settings(BaseSettings):
         "before the registry is asked again (revocations arrive at once over pub/sub; this "
         "bounds them when pub/sub is down)",
     )
+    max_prompts_per_request: int = Field(
+        default=64, ge=1, le=4096, description="prompts one /v1/completions request may batch "
+        "(`prompt` as a list); each is its own engine request and counts in every quota",
+    )
+    sse_keepalive_s: float = Field(
+        default=0.0, ge=0, le=3600, description="a stream that has sent nothing for this many "
+        "seconds (e.g. waiting in the queue) gets a `: keep-alive` comment, so proxies that cut "
+        "idle connections keep it; 0: never, as OpenAI and vLLM (vLLM's benchmark client loses "
+        "the event after a comment)",
+    )
     # --- connections and uploads (docs/security.md)
     header_timeout_s: float = Field(
         default=10.0, gt=0, le=3600, description="a request's line and headers must arrive "

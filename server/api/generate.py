@@ -28,6 +28,7 @@ from server.api.schemas import (
     TimingsOut,
     UsageOut,
 )
+from server.api.sse import sse_event, sse_response
 from server.engine.request import Finished, FinishReason, SamplingParams, TextDelta
 
 log = logging.getLogger("prefix_serve.api")
@@ -56,10 +57,7 @@ async def generate(
                           prefix_ref=body.prefix_id)
     generation = await start_generation(services, request, call)
     if body.stream:
-        return EventSourceResponse(
-            _sse(generation), ping=15, send_timeout=30, headers=generation.headers,
-            shutdown_grace_period=services.settings.shutdown_grace_s + 1,
-        )
+        return sse_response(_sse(generation), generation.headers, services.settings)
     text, finished = await complete(generation, request)
     if finished.finish_reason is FinishReason.ERROR:
         raise finished_error(finished)
@@ -92,14 +90,14 @@ async def _sse(generation: Generation) -> AsyncIterator[ServerSentEvent]:
             if isinstance(event, TextDelta):
                 if event.text:
                     delta = DeltaOut(text=event.text).model_dump_json()
-                    yield ServerSentEvent(delta, event="delta")
+                    yield sse_event(delta, event="delta")
             elif event.finish_reason is FinishReason.ERROR:
                 payload = serve_error_payload(finished_error(event))
-                yield ServerSentEvent(json.dumps(payload), event="error")
+                yield sse_event(json.dumps(payload), event="error")
             else:
-                yield ServerSentEvent(done_of(generation, event).model_dump_json(), event="done")
+                yield sse_event(done_of(generation, event).model_dump_json(), event="done")
     except Exception:
         log.exception("stream of %s failed", generation.id)
-        yield ServerSentEvent(json.dumps(internal_error_payload()), event="error")
+        yield sse_event(json.dumps(internal_error_payload()), event="error")
     finally:
         generation.cancel()

@@ -35,6 +35,7 @@ from server.api.openai_schemas import (
     ModelList,
     _OpenAIRequest,
 )
+from server.api.sse import sse_response
 from server.api.state import Services
 from server.engine.request import FinishReason, SamplingParams
 from server.errors import IncompatiblePrefixError, NotFoundError
@@ -140,11 +141,8 @@ async def _respond(
     fmt: CompletionFormat | ChatFormat,
 ) -> JSONResponse | EventSourceResponse:
     if body.stream:
-        return EventSourceResponse(
-            openai_stream(generation, fmt, body.include_usage), ping=15, send_timeout=30,
-            headers=generation.headers,
-            shutdown_grace_period=services.settings.shutdown_grace_s + 1,
-        )
+        return sse_response(openai_stream(generation, fmt, body.include_usage),
+                            generation.headers, services.settings)
     text, finished = await complete(generation, request)
     if finished.finish_reason is FinishReason.ERROR:
         raise finished_error(finished)

@@ -26,6 +26,7 @@ from server.api.openai_schemas import (
     OpenAIFinish,
     OpenAIUsage,
 )
+from server.api.sse import sse_event
 from server.engine.request import Finished, FinishReason, TextDelta, Usage
 
 log = logging.getLogger("prefix_serve.api")
@@ -128,21 +129,21 @@ async def openai_stream(
     """OpenAI-style chunks, then `[DONE]`; an error chunk (our error format) instead on failure."""
     try:
         if isinstance(fmt, ChatFormat):
-            yield ServerSentEvent(fmt.first())
+            yield sse_event(fmt.first())
         async for event in generation.events():
             if isinstance(event, TextDelta):
                 if event.text:
-                    yield ServerSentEvent(fmt.delta(event.text))
+                    yield sse_event(fmt.delta(event.text))
             elif event.finish_reason is FinishReason.ERROR:
-                yield ServerSentEvent(json.dumps(serve_error_payload(finished_error(event))))
+                yield sse_event(json.dumps(serve_error_payload(finished_error(event))))
                 return
             else:
-                yield ServerSentEvent(fmt.final(event))
+                yield sse_event(fmt.final(event))
                 if include_usage:
-                    yield ServerSentEvent(fmt.usage(event))
-                yield ServerSentEvent(DONE)
+                    yield sse_event(fmt.usage(event))
+                yield sse_event(DONE)
     except Exception:
         log.exception("stream of %s failed", generation.id)
-        yield ServerSentEvent(json.dumps(internal_error_payload()))
+        yield sse_event(json.dumps(internal_error_payload()))
     finally:
         generation.cancel()
