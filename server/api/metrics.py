@@ -24,13 +24,15 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.engine.config import EngineStats
 from server.engine.request import Timings, Usage
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5)
 
-# EngineStats field -> (metric suffix, help, kind); fields the engine lacks are skipped.
+# EngineStats field -> (metric suffix, help, kind); checked against EngineStats below. A stats
+# dict that lacks a field (another version's replica) skips it.
 ENGINE_FIELDS: dict[str, tuple[str, str, str]] = {
     "running": ("running_requests", "requests in the running batch", "gauge"),
     "waiting": ("queued_requests", "requests waiting for admission", "gauge"),
@@ -49,6 +51,24 @@ ENGINE_FIELDS: dict[str, tuple[str, str, str]] = {
     "prefix_cache_entries": ("prefix_cache_entries", "prefixes held by the K/V cache", "gauge"),
     "steps": ("engine_steps", "engine steps run", "counter"),
 }
+# EngineStats fields exported otherwise: per tenant (below), or not as metrics at all (the
+# time shares and the pool's size are in the stats JSON only).
+ENGINE_FIELDS_ELSEWHERE = frozenset({
+    "tenant_service", "tenant_preemptions", "busy_s", "forward_s", "kv_cache_bytes",
+})
+
+
+def unmapped_engine_fields() -> list[str]:
+    """What keeps ENGINE_FIELDS in step with EngineStats: names in either that the other lacks
+    (a renamed or new stats field must be mapped, or listed in ENGINE_FIELDS_ELSEWHERE)."""
+    stats = {f.name for f in dataclasses.fields(EngineStats)}
+    mapped = set(ENGINE_FIELDS) | ENGINE_FIELDS_ELSEWHERE
+    return sorted((mapped - stats) | (stats - mapped))
+
+
+if unmapped_engine_fields():  # at import: every test, and the server's start, fail at once
+    raise ImportError(f"EngineStats fields out of step with ENGINE_FIELDS: "
+                      f"{unmapped_engine_fields()}")
 
 
 class EngineCollector(Collector):

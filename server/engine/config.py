@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from server.engine.fairness import WaitQueue, make_wait_queue
+from server.engine.fairness import Policy, WaitQueue, make_wait_queue
 
 MiB = 2**20
 
@@ -24,7 +24,7 @@ class EngineConfig:
     attention_backend: Literal["auto", "torch"] = "auto"
     output_thread: Literal["auto", "on", "off"] = "auto"  # detokenize on a thread (output.py)
     record_logits: bool = False  # keep each request's first-step logits (tests)
-    fairness: str = "vtc"  # waiting-queue policy: "vtc" (token-fair between tenants) or "fifo"
+    fairness: Policy = "vtc"  # waiting-queue policy: "vtc" (token-fair between tenants) or "fifo"
     fair_prompt_weight: float = 1.0  # service charged per prompt token (fairness.PROMPT_WEIGHT)
     fair_output_weight: float = 2.0  # service charged per generated token (fairness.OUTPUT_WEIGHT)
 

@@ -12,8 +12,8 @@ import itertools
 import logging
 import random
 import threading
-from collections.abc import Callable, Sequence
-from typing import cast
+from collections.abc import Sequence
+from typing import assert_never
 
 import torch
 
@@ -22,7 +22,7 @@ from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig, EngineStats, make_queue
 from server.engine.detokenizer import Detokenizer
 from server.engine.finishing import eos_ids, serve_error
-from server.engine.intake import Intake
+from server.engine.intake import Cancel, Intake, Message, Release, Stop, Submit
 from server.engine.kv_pool import KVPool
 from server.engine.memory import plan_pool
 from server.engine.output import Finish, Item, Live, OutputProcessor, Tokens, use_thread
@@ -64,7 +64,7 @@ class Engine:
         self.runner = Runner(loaded, self.pool, self.pool_plan.backend)
         self.intake = Intake(self.config.max_queue)
         self.output = OutputProcessor(
-            release=lambda rid: self.intake.post("release", rid),
+            release=lambda rid: self.intake.post(Release(rid)),
             threaded=use_thread(self.config.output_thread, loaded.device),
         )
         self.first_logits: dict[str, torch.Tensor] = {}  # request id -> [vocab] (record_logits)
@@ -97,12 +97,12 @@ class Engine:
         checks.check_tenant(spec.tenant)
         request = Request(spec.request_id or f"req-{next(_ids)}", spec, ids)
         stream = RequestStream(request.request_id, loop, self.cancel)
-        self.intake.submit(request, (request, stream))
+        self.intake.submit(Submit(request, stream))
         return stream
 
     def cancel(self, request_id: str) -> None:
         """The request leaves at the next step and frees its blocks (no-op when finished)."""
-        self.intake.post("cancel", request_id)
+        self.intake.post(Cancel(request_id))
 
     def stats(self) -> EngineStats:
         blocks = self.blocks.stats()
@@ -134,7 +134,7 @@ class Engine:
     def shutdown_now(self) -> None:
         """Cancel everything and stop the threads (blocking)."""
         self.intake.close()
-        self.intake.post("stop", None)
+        self.intake.post(Stop())
         if self._thread.is_alive():
             self._thread.join()
         elif not self._stopped:
@@ -303,42 +303,41 @@ class Engine:
         self._out.append(Tokens(live, (token,)))
 
     def _drain_inbox(self) -> None:
-        items = self.intake.take()
-        handlers: dict[str, Callable[[object], None]] = {
-            "submit": self._enqueue, "cancel": self._cancel, "release": self._release,
-            "stop": self._stop,
-        }
-        for kind, item in items:
-            handlers[kind](item)
+        for message in self.intake.take():
+            self._handle(message)
 
-    def _enqueue(self, item: object) -> None:
-        request, stream = cast(tuple[Request, RequestStream], item)
-        spec, tokenizer = request.spec, self.loaded.tokenizer
+    def _handle(self, message: Message) -> None:
+        match message:
+            case Submit():
+                self._enqueue(message)
+            case Cancel(request_id=request_id):
+                if (live := self._live.get(request_id)) is not None:
+                    self._finish(live, FinishReason.CANCELLED)
+            case Release(request_id=request_id):  # a stop string: free what it holds
+                if (live := self._live.get(request_id)) is not None:
+                    self._leave(live)
+            case Stop():
+                self._stopped = True
+                self._stop_all()
+            case _:
+                assert_never(message)
+
+    def _enqueue(self, message: Submit) -> None:
+        request, spec = message.request, message.request.spec
         self._live[request.request_id] = Live(
-            request, stream, Detokenizer(tokenizer, request.prompt_ids, spec.sampling.stop),
-            make_generator(spec.sampling, self.loaded.device),
+            request, message.stream, make_generator(spec.sampling, self.loaded.device),
+            Detokenizer(self.loaded.tokenizer, request.prompt_ids, spec.sampling.stop),
         )
         self.scheduler.add(request)
 
-    def _cancel(self, item: object) -> None:
-        live = self._live.get(str(item))
-        if live is not None:
-            self._finish(live, FinishReason.CANCELLED)
-
-    def _release(self, item: object) -> None:
-        """The output thread ended the request (a stop string): free what it holds."""
-        live = self._live.get(str(item))
-        if live is not None:
-            self._leave(live)
-
-    def _stop(self, item: object) -> None:
-        self._stopped = True
-        self._stop_all()
+    def _enqueue_submitted(self) -> None:
+        """Take in the requests still in the inbox, so they are finished with the others."""
+        for message in self.intake.take():
+            if isinstance(message, Submit):
+                self._enqueue(message)
 
     def _stop_all(self) -> None:
-        for kind, item in self.intake.take():
-            if kind == "submit":
-                self._enqueue(item)
+        self._enqueue_submitted()
         for live in list(self._live.values()):
             self._finish(live, FinishReason.CANCELLED)
         self._flush()
@@ -365,9 +364,7 @@ class Engine:
         log.exception("engine loop died", exc_info=exc)
         self.intake.kill(exc)
         dead = FatalEngineError(f"the engine died: {exc!r}")
-        for kind, item in self.intake.take():
-            if kind == "submit":
-                self._enqueue(item)
+        self._enqueue_submitted()
         self._out = [Finish(live, FinishReason.ERROR, dead) for live in self._live.values()]
         self._live.clear()
         self._flush()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
+from dataclasses import dataclass
 
 from server.engine.request import Request, Status
+from server.engine.stream import RequestStream
 from server.errors import (
     FatalEngineError,
     InvalidRequestError,
@@ -21,6 +23,36 @@ from server.errors import (
 )
 
 
+@dataclass(frozen=True)
+class Submit:
+    """A new request and the stream its events go to."""
+
+    request: Request
+    stream: RequestStream
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """The caller gave up: finish the request (no-op when it already finished)."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Release:
+    """The output thread ended the request (a stop string): free what it holds."""
+
+    request_id: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Cancel everything and stop the engine thread."""
+
+
+Message = Submit | Cancel | Release | Stop  # what the engine thread's inbox holds
+
+
 class Intake:
     def __init__(self, max_queue: int) -> None:
         self.max_queue = max_queue
@@ -28,7 +60,7 @@ class Intake:
         self.alive = True
         self.fatal_error: BaseException | None = None
         self._lock = threading.Lock()  # guards everything below
-        self._items: list[tuple[str, object]] = []
+        self._items: list[Message] = []
         self._ids: set[str] = set()  # ids of requests not yet finished
         self._queued: Counter[str] = Counter()  # tenant -> submitted, never admitted yet
         self._closing = False
@@ -44,8 +76,9 @@ class Intake:
         if self._closing:
             raise ShuttingDownError("the server is shutting down")
 
-    def submit(self, request: Request, item: object) -> None:
-        """Queue `item` (the request and its stream) unless a cap or the request id refuses."""
+    def submit(self, message: Submit) -> None:
+        """Queue a new request unless a cap or its request id refuses it."""
+        request = message.request
         tenant = request.tenant
         with self._lock:
             self.check_open()
@@ -60,15 +93,15 @@ class Intake:
                 raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
             self._ids.add(request.request_id)
             self._queued[tenant.name] += 1
-            self._items.append(("submit", item))
+            self._items.append(message)
         self.wake.set()
 
-    def post(self, kind: str, item: object) -> None:
+    def post(self, message: Cancel | Release | Stop) -> None:
         with self._lock:
-            self._items.append((kind, item))
+            self._items.append(message)
         self.wake.set()
 
-    def take(self) -> list[tuple[str, object]]:
+    def take(self) -> list[Message]:
         with self._lock:
             items, self._items = self._items, []
         return items

@@ -31,13 +31,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class Live:
-    """The engine's handle on one request's stream; `detokenizer` onwards belong to the output
-    thread."""
+    """The engine's handle on one request's stream. `request` and `generator` belong to the
+    engine thread (the output thread reads only the request's ids and counters once a step has
+    handed them over); `detokenizer` onwards belong to the output thread."""
 
     request: Request
     stream: RequestStream
-    detokenizer: Detokenizer
     generator: torch.Generator | None  # the request's own random stream (seeded requests)
+    detokenizer: Detokenizer
     emitted: int = 0  # output tokens delivered so far
     unsent: list[int] = field(default_factory=list)  # token ids not yet in a TextDelta
     done: bool = False  # its Finished event was delivered
