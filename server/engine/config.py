@@ -23,7 +23,6 @@ class EngineConfig:
     max_seq_len: int | None = None  # prefix + prompt + output per request; None = model's context
     attention_backend: Literal["auto", "torch"] = "auto"
     output_thread: Literal["auto", "on", "off"] = "auto"  # detokenize on a thread (output.py)
-    record_logits: bool = False  # keep each request's first-step logits (tests)
     fairness: Policy = "vtc"  # waiting-queue policy: "vtc" (token-fair between tenants) or "fifo"
     fair_prompt_weight: float = 1.0  # service charged per prompt token (fairness.PROMPT_WEIGHT)
     fair_output_weight: float = 2.0  # service charged per generated token (fairness.OUTPUT_WEIGHT)

@@ -12,12 +12,13 @@ import itertools
 import logging
 import random
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import assert_never
 
 import torch
 
 from server.engine import checks
+from server.engine.attention.backends import AttentionBackend
 from server.engine.block_manager import BlockManager
 from server.engine.config import EngineConfig, EngineStats, make_queue
 from server.engine.detokenizer import Detokenizer
@@ -48,8 +49,31 @@ _FATAL: tuple[type[BaseException], ...] = (
 )
 
 
+class StepHook:
+    """Watches the engine thread (tracing, tests, fault injection); this base does nothing.
+
+    `arrived` sees each request taken from the inbox (it waits from this step on); `forward` sees
+    the rows of each forward just before it runs, and whatever it raises is that forward's
+    failure (a request's own, or fatal for a device error), as a real one would be.
+    """
+
+    def arrived(self, request: Request) -> None:
+        pass
+
+    def forward(self, work: Sequence[Work]) -> None:
+        pass
+
+
+RunnerFactory = Callable[[LoadedModel, KVPool, AttentionBackend], Runner]
+
+
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, config: EngineConfig | None = None, *,
+        runner: RunnerFactory = Runner, step_hook: StepHook | None = None,
+    ) -> None:
+        """`runner` builds the runner from the model, the pool and the attention backend (a
+        subclass may record what it ran); `step_hook` watches the engine thread (StepHook)."""
         self.loaded, self.config = loaded, config or EngineConfig()
         self.pool_plan = plan_pool(loaded, self.config)
         self.pool = KVPool(self.pool_plan.shape, self.pool_plan.num_blocks, loaded.dtype,
@@ -61,13 +85,13 @@ class Engine:
             watermark=self.pool_plan.watermark_blocks,
             lookahead=self.config.admission_lookahead_tokens,
         ))
-        self.runner = Runner(loaded, self.pool, self.pool_plan.backend)
+        self.runner = runner(loaded, self.pool, self.pool_plan.backend)
+        self.step_hook = step_hook or StepHook()  # read at each use: replacing it is safe
         self.intake = Intake(self.config.max_queue)
         self.output = OutputProcessor(
             release=lambda rid: self.intake.post(Release(rid)),
             threaded=use_thread(self.config.output_thread, loaded.device),
         )
-        self.first_logits: dict[str, torch.Tensor] = {}  # request id -> [vocab] (record_logits)
         self.steps = self.tokens_generated = 0
         self.busy_s = self.forward_s = 0.0  # see EngineStats
         self._failed_steps = 0  # consecutive steps whose every request failed alone
@@ -192,13 +216,10 @@ class Engine:
 
     def _forward(self, work: Sequence[Work]) -> tuple[list[Work], list[int]]:
         started = now()
+        self.step_hook.forward(work)
         logits = self.runner.run(work)  # [samplers, vocab]
         samplers = [w for w in work if w.samples]
         lives = [self._live[w.request_id] for w in samplers]
-        if self.config.record_logits:
-            for live, row in zip(lives, logits, strict=True):
-                if not live.request.output_ids:
-                    self.first_logits[live.request.request_id] = row.detach().cpu().clone()
         tokens = sample(logits, [live.request.sampling for live in lives],
                         [live.generator for live in lives], self._generator)
         host = torch.stack([tokens, finite_rows(logits).long()]).tolist()  # the one host sync
@@ -329,6 +350,7 @@ class Engine:
             Detokenizer(self.loaded.tokenizer, request.prompt_ids, spec.sampling.stop),
         )
         self.scheduler.add(request)
+        self.step_hook.arrived(request)
 
     def _enqueue_submitted(self) -> None:
         """Take in the requests still in the inbox, so they are finished with the others."""

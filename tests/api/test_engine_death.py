@@ -17,13 +17,14 @@ from server.engine.engine import Engine
 from server.models.loader import LoadedModel
 from tests.api.conftest import SettingsFactory
 from tests.api.live import wait_for
+from tests.engine.helpers import OnForward
 
 
 def _break(engine: Engine) -> None:
-    def run(work: object) -> object:
+    def fail(work: object) -> None:
         raise torch.AcceleratorError("injected device failure")
 
-    engine.runner.run = run  # type: ignore[method-assign,assignment]
+    engine.step_hook = OnForward(fail)
 
 
 @pytest.mark.parametrize("exit_on_death", [True, False])

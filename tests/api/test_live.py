@@ -25,6 +25,7 @@ from tests.api.helpers import (
     safetensors_file,
 )
 from tests.api.live import LiveServer, live_server, wait_for
+from tests.engine.helpers import OnForward
 
 PROMPT = "hello world"
 N = 8
@@ -103,8 +104,7 @@ def test_openai_errors(live: LiveServer) -> None:
 def _slow_steps(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each engine step takes at least 10 ms, so a 240-token request outlives the time it takes
     the server to notice a closed connection, however fast or loaded the machine is."""
-    run = engine.runner.run
-    monkeypatch.setattr(engine.runner, "run", lambda work: time.sleep(0.01) or run(work))
+    monkeypatch.setattr(engine, "step_hook", OnForward(lambda work: time.sleep(0.01)))
 
 
 def test_disconnect_mid_stream_frees_the_request(

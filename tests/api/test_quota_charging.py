@@ -29,6 +29,7 @@ from tests.api.conftest import SettingsFactory
 from tests.api.helpers import ADMIN_KEY, auth
 from tests.api.live import LiveServer, live_server, wait_for
 from tests.api.test_observability import samples
+from tests.engine.helpers import OnForward
 from tests.redis_ns import REDIS_URL
 
 ROUTES = ("/generate", "/v1/completions", "/v1/chat/completions")
@@ -93,8 +94,7 @@ def slow_steps(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """10 ms per step: the client hangs up while its request is still generating."""
     engine = live.services.engine
     assert engine is not None
-    run = engine.runner.run
-    monkeypatch.setattr(engine.runner, "run", lambda work: time.sleep(0.01) or run(work))
+    monkeypatch.setattr(engine, "step_hook", OnForward(lambda work: time.sleep(0.01)))
 
 
 def hang_up_after_first_delta(live: LiveServer, key: str, route: str) -> None:

@@ -17,6 +17,7 @@ from clients import _client
 from server.models.loader import LoadedModel
 from tests.api.helpers import prefix_tensors
 from tests.clients.conftest import ADMIN_KEY, LiveServer, ServerFactory
+from tests.engine.helpers import OnForward
 
 
 def counting(url: str, key: str | None, **kwargs: Any) -> tuple[clients.PrefixClient, list[str]]:
@@ -93,14 +94,8 @@ def wait_until(condition: Callable[[], bool], timeout: float = 20.0) -> None:
 def hold_engine(server: LiveServer) -> threading.Event:
     """Fault injection into the real engine: each step's forward waits until the returned gate
     is set (a stalled device), so requests stay running and the queue fills for real."""
-    gate, runner = threading.Event(), server.services.engine.runner
-    real_run = runner.run
-
-    def run(*args: Any, **kwargs: Any) -> Any:
-        gate.wait(timeout=30)
-        return real_run(*args, **kwargs)
-
-    runner.run = run  # type: ignore[method-assign]
+    gate = threading.Event()
+    server.services.engine.step_hook = OnForward(lambda work: gate.wait(timeout=30))
     return gate
 
 
@@ -198,16 +193,14 @@ def test_real_503_when_the_registry_is_down(
 def break_engine_after(server: LiveServer, forwards: int) -> None:
     """Fault injection into the real engine: its forward raises a device error after `forwards`
     calls, which kills the engine loop (what a device failure does)."""
-    runner = server.services.engine.runner
-    real_run, calls = runner.run, [0]
+    calls = [0]
 
-    def run(*args: Any, **kwargs: Any) -> Any:
+    def count(work: object) -> None:
         calls[0] += 1
         if calls[0] > forwards:
             raise torch.AcceleratorError("injected device failure")
-        return real_run(*args, **kwargs)
 
-    runner.run = run  # type: ignore[method-assign]
+    server.services.engine.step_hook = OnForward(count)
 
 
 def test_mid_stream_error_event_raises_mapped_class(

@@ -6,14 +6,16 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from server.engine import Engine, EngineConfig, PrefixSource
+from server.engine.engine import StepHook
 from server.engine.request import Request
+from server.engine.runner import Runner
 from server.engine.scheduler import Work
 from server.models.loader import LoadedModel
 from server.models.prefix_kv import forward_with_prefix, prefix_kv
@@ -60,10 +62,46 @@ def reference_greedy(
     return ids[len(prompt):], first
 
 
+class RecordingRunner(Runner):
+    """The real runner, recording what it ran: each forward's rows, and each request's first
+    sampled logits (its first token's distribution) on the host."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.forwards: list[list[Work]] = []
+        self.first_logits: dict[str, torch.Tensor] = {}  # request id -> [vocab]
+
+    def run(self, work: Sequence[Work]) -> torch.Tensor:
+        logits = super().run(work)
+        self.forwards.append(list(work))
+        for item, row in zip([w for w in work if w.samples], logits, strict=True):
+            self.first_logits.setdefault(item.request_id, row.detach().cpu().clone())
+        return logits
+
+
+def recorder(engine: Engine) -> RecordingRunner:
+    """The engine's runner, built with `runner=RecordingRunner`."""
+    assert isinstance(engine.runner, RecordingRunner)
+    return engine.runner
+
+
+class OnForward(StepHook):
+    """A step hook that calls `action(work)` before each forward (slow steps, a stalled or
+    failing device); what it raises is that forward's failure."""
+
+    def __init__(self, action: Callable[[Sequence[Work]], object]) -> None:
+        self.action = action
+
+    def forward(self, work: Sequence[Work]) -> None:
+        self.action(work)
+
+
 @asynccontextmanager
-async def running(loaded: LoadedModel, **config: object) -> AsyncIterator[Engine]:
+async def running(loaded: LoadedModel, *, runner: type[Runner] = Runner,
+                  step_hook: StepHook | None = None, **config: object) -> AsyncIterator[Engine]:
     """A started engine that is always shut down (and its thread joined) afterwards."""
-    engine = Engine(loaded, EngineConfig(**config))  # type: ignore[arg-type]
+    engine = Engine(loaded, EngineConfig(**config), runner=runner,  # type: ignore[arg-type]
+                    step_hook=step_hook)
     engine.start()
     try:
         yield engine
@@ -72,14 +110,14 @@ async def running(loaded: LoadedModel, **config: object) -> AsyncIterator[Engine
 
 
 @dataclass
-class StepTrace:
+class StepTrace(StepHook):
     """What a running engine did, step by step, recorded on its own thread: each step's work
     (what the runner was asked to compute) and the step from which each request could run.
 
-    It wraps the real runner and scheduler (both still do all the work), so tests can count
-    tokens and steps instead of timing anything. `hold_at` stops the engine thread once, inside
-    that step (1-based) or the first one after it is set, until `release` is set, so a test can
-    place an arrival at a known step.
+    It is the engine's step hook (the runner and scheduler still do all the work), so tests can
+    count tokens and steps instead of timing anything. `hold_at` stops the engine thread once,
+    inside that step (1-based) or the first one after it is set, until `release` is set, so a
+    test can place an arrival at a known step.
     """
 
     steps: list[list[Work]] = field(default_factory=list)  # step -> the work it computed
@@ -92,26 +130,22 @@ class StepTrace:
 
     @classmethod
     def attach(cls, engine: Engine, hold_at: int | None = None) -> StepTrace:
+        """Make a trace the (not yet started) engine's step hook."""
         trace = cls(hold_at=hold_at)
-        run, add = engine.runner.run, engine.scheduler.add
-
-        def traced_run(work: list[Work]) -> torch.Tensor:
-            trace.steps.append(list(work))
-            hold = trace.hold_at
-            if hold is not None and len(trace.steps) >= hold and not trace.reached.is_set():
-                trace.reached.set()
-                trace.release.wait(timeout=120)
-            return run(work)
-
-        def traced_add(request: Request) -> None:
-            trace.arrivals[request.request_id] = len(trace.steps)
-            trace.tenants[request.request_id] = request.tenant.name
-            trace.prompts[request.request_id] = len(request.prompt_ids)
-            add(request)
-
-        engine.runner.run = traced_run  # type: ignore[method-assign]
-        engine.scheduler.add = traced_add  # type: ignore[method-assign]
+        engine.step_hook = trace
         return trace
+
+    def forward(self, work: Sequence[Work]) -> None:
+        self.steps.append(list(work))
+        hold = self.hold_at
+        if hold is not None and len(self.steps) >= hold and not self.reached.is_set():
+            self.reached.set()
+            self.release.wait(timeout=120)
+
+    def arrived(self, request: Request) -> None:
+        self.arrivals[request.request_id] = len(self.steps)
+        self.tenants[request.request_id] = request.tenant.name
+        self.prompts[request.request_id] = len(request.prompt_ids)
 
     def admitted(self) -> dict[str, int]:
         """Request id -> the step it first computed in."""

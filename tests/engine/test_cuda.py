@@ -23,7 +23,13 @@ import torch
 from server.engine import Completion, EngineRequest, SamplingParams
 from server.models.loader import LoadedModel, load_model
 from server.models.prefix_kv import forward_with_prefix, prefix_kv
-from tests.engine.helpers import make_prefix, reference_greedy, running
+from tests.engine.helpers import (
+    RecordingRunner,
+    make_prefix,
+    recorder,
+    reference_greedy,
+    running,
+)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -69,8 +75,8 @@ async def run_alone_and_mixed(
     """Each request alone, then all of them in waves into 8 rows (so some queue); completions
     of both runs by request id and the first-step logits of both (ids `alone-*`, `mixed-*`)."""
     alone, mixed = {}, {}
-    async with running(loaded, max_batch_size=8, max_num_batched_tokens=32,
-                       record_logits=True) as engine:
+    async with running(loaded, runner=RecordingRunner, max_batch_size=8,
+                       max_num_batched_tokens=32) as engine:
         for request in requests:
             solo = dataclasses.replace(request, request_id=f"alone-{request.request_id}")
             alone[request.request_id] = await engine.submit(solo).collect()
@@ -83,7 +89,7 @@ async def run_alone_and_mixed(
         for request, done in zip(requests, await asyncio.gather(*(s.collect() for s in streams)),
                                  strict=True):
             mixed[request.request_id] = done
-        logits = dict(engine.first_logits)
+        logits = dict(recorder(engine).first_logits)
     return alone, mixed, logits
 
 

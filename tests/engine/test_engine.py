@@ -17,7 +17,7 @@ from server.errors import (
     OverloadedError,
     ShuttingDownError,
 )
-from tests.engine.helpers import make_prefix, reference_greedy, running
+from tests.engine.helpers import OnForward, make_prefix, reference_greedy, running
 
 PROMPT = [5, 17, 42, 9, 88, 3, 120, 7]
 
@@ -186,15 +186,11 @@ async def test_a_bad_prefix_fails_alone(load_tiny) -> None:
 
 async def test_a_failure_one_request_causes_fails_that_request_only(load_tiny) -> None:
     loaded = load_tiny("llama")
-    async with running(loaded) as engine:
-        run = engine.runner.run
+    def failing(work):
+        if any(w.request_id == "boom" for w in work):
+            raise RuntimeError("bad input")
 
-        def failing(work):
-            if any(w.request_id == "boom" for w in work):
-                raise RuntimeError("bad input")
-            return run(work)
-
-        engine.runner.run = failing  # type: ignore[method-assign]
+    async with running(loaded, step_hook=OnForward(failing)) as engine:
         ok = engine.submit(dataclasses.replace(_req(8), request_id="ok"))
         boom = engine.submit(dataclasses.replace(_req(8), request_id="boom"))
         failed, done = await boom.collect(), await ok.collect()
@@ -224,7 +220,7 @@ async def test_a_fatal_error_reaches_every_caller(load_tiny) -> None:
         def broken(work):
             raise RuntimeError("device lost")
 
-        engine.runner.run = broken  # type: ignore[method-assign]
+        engine.step_hook = OnForward(broken)
         for stream in streams:
             done = await asyncio.wait_for(stream.collect(), timeout=30)
             assert done.finished.finish_reason.value == "error"
@@ -255,9 +251,8 @@ async def test_a_long_prompt_never_stalls_running_streams(load_tiny) -> None:
     loaded = load_tiny("llama")
     engine = Engine(loaded, EngineConfig(max_batch_size=4, max_num_batched_tokens=32))
     log: list[list[tuple[str, int]]] = []  # per step: (request id, tokens)
-    run = engine.runner.run
-    engine.runner.run = lambda work: (  # type: ignore[method-assign]
-        log.append([(w.request_id, w.length) for w in work]) or run(work))
+    engine.step_hook = OnForward(lambda work: log.append([(w.request_id, w.length)
+                                                          for w in work]))
     engine.start()
     streaming = engine.submit(dataclasses.replace(_req(60), request_id="stream"))
     assert isinstance(await streaming.__anext__(), TextDelta)

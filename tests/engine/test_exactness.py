@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from server.engine import Completion, EngineRequest, SamplingParams, TextDelta
-from tests.engine.helpers import make_prefix, reference_greedy, running
+from tests.engine.helpers import (
+    RecordingRunner,
+    make_prefix,
+    recorder,
+    reference_greedy,
+    running,
+)
 
 FAMILIES = ["llama", "gpt2", "qwen2", "qwen3", "gpt_neox"]
 
@@ -57,13 +63,12 @@ async def test_mixed_batch_matches_each_request_alone(load_tiny, family: str) ->
     loaded = load_tiny(family)
     requests = _workload(loaded)
     async with running(
-        loaded, max_batch_size=12, max_num_batched_tokens=32, record_logits=True
+        loaded, runner=RecordingRunner, max_batch_size=12, max_num_batched_tokens=32
     ) as engine:
-        rows: list[int] = []  # requests in each step's packed forward
-        run = engine.runner.run
-        engine.runner.run = lambda work: rows.append(len(work)) or run(work)  # type: ignore[method-assign]
         results = await _staggered(engine, requests)
         stats = engine.stats()
+    ran = recorder(engine)
+    rows = [len(work) for work in ran.forwards]  # requests in each step's packed forward
     assert 8 <= max(rows) <= 12  # up to max_batch_size requests at once; the others queued
     by_id = {c.request_id: c for c in results}
     for request in requests:
@@ -73,7 +78,7 @@ async def test_mixed_batch_matches_each_request_alone(load_tiny, family: str) ->
         got = by_id[request.request_id]
         assert got.finished.finish_reason.value == "length"
         assert got.token_ids == want, request.request_id
-        diff = (engine.first_logits[request.request_id] - first_logits).abs().max().item()
+        diff = (ran.first_logits[request.request_id] - first_logits).abs().max().item()
         assert diff < 1e-4, (request.request_id, diff)
     # 12 requests use 3 distinct prefixes: each computed once, every other use a hit.
     assert (stats.prefix_cache_misses, stats.prefix_cache_hits) == (3, 9)

@@ -14,6 +14,7 @@ from server.training.data import EncodeOptions, Example, collate, encode
 from server.training.export import to_artifact
 from server.training.loop import train_prefix
 from server.training.objective import prefix_logits
+from tests.engine.helpers import RecordingRunner, recorder
 from tests.training.tasks import NO, YES, prompts, records, single_thread
 
 STYLES = {"yes": YES, "no": NO}
@@ -44,14 +45,15 @@ def _source(loaded, result: TrainResult, name: str) -> PrefixSource:
 
 async def _serve(loaded, sources, prompt_list, max_new):
     """Greedy completions of every (prefix, prompt) pair in one engine, plus first-step logits."""
-    engine = Engine(loaded, EngineConfig(record_logits=True, max_batch_size=16))
+    engine = Engine(loaded, EngineConfig(max_batch_size=16), runner=RecordingRunner)
     engine.start()
     try:
         streams = {(name, p): engine.submit(EngineRequest(
             prompt=p, prefix=src, sampling=SamplingParams(max_new_tokens=max_new)))
             for name, src in sources.items() for p in prompt_list}
         texts = {key: (await s.collect()).text for key, s in streams.items()}
-        logits = {key: engine.first_logits[s.request_id] for key, s in streams.items()}
+        logits = {key: recorder(engine).first_logits[s.request_id]
+                  for key, s in streams.items()}
     finally:
         engine.shutdown_now()
     return texts, logits
