@@ -16,8 +16,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from starlette.requests import Request
 
@@ -155,34 +156,81 @@ async def start_generation(
     """Resolve the prefix, tokenize off the event loop, reserve the tenant's tokens per minute
     and submit; raises 429 (`rate_limited`) and the engine's synchronous errors (429, 400, 503).
     """
-    quota = await tenant_quota(services, call.tenant)
+    return (await start_generations(services, request, [call]))[0]
+
+
+async def start_generations(
+    services: Services, request: Request, calls: Sequence[GenerationCall]
+) -> list[Generation]:
+    """Each call its own engine request (a batch of prompts: submitted together, so they batch
+    in the engine), all or none: every prompt is resolved, tokenized and checked against the
+    context before any is submitted, each reserves its own tokens per minute, and a refusal of
+    any (rate limit, the engine's 429/400/503) cancels the ones already submitted and gives back
+    what was reserved."""
+    quota = await tenant_quota(services, calls[0].tenant)
+    base_id = engine_request_id(request)
+    specs = [await _engine_request(services, request, call, quota,
+                                   base_id if len(calls) == 1 else f"{base_id}-{i}")
+             for i, call in enumerate(calls)]
+    reservations = await _reserve_all(services, calls[0].tenant, quota, specs)
+    generations: list[Generation] = []
+    try:
+        for spec, reservation in zip(specs, reservations, strict=True):
+            stream = await services.backend.submit(spec)
+            generations.append(Generation(services, request, spec, stream, reservation))
+            reservations[len(generations) - 1] = None  # the generation settles it now
+    except BaseException:
+        for generation in generations:
+            generation.cancel()  # settles its reservation when its end is read
+        for reservation in reservations:
+            if reservation is not None:  # refused before it ran: nothing was used
+                await services.rate_limiter.settle(reservation, 0)
+        raise
+    replica = generations[0].headers.get(REPLICA_HEADER)
+    annotate(request, engine_request_id=generations[0].id,
+             **({"replica": replica} if replica else {}))
+    return generations
+
+
+async def _engine_request(services: Services, request: Request, call: GenerationCall,
+                          quota: Quota, request_id: str) -> EngineRequest:
     prefix = None
     if call.prefix_ref is not None:
         prefix = await services.resolver.resolve(call.tenant, call.prefix_ref)
         annotate(request, prefix=f"{prefix.name}@{prefix.version}")
+    prefix_len = prefix.prefix_len if prefix else 0
+    reserved = prefix_len + call.sampling.max_new_tokens
     prompt = call.prompt
     if isinstance(prompt, str):
-        reserved = (prefix.prefix_len if prefix else 0) + call.sampling.max_new_tokens
         prompt = await services.prompts.encode(
             prompt, tenant=call.tenant, add_special_tokens=call.add_special_tokens,
             reserved=reserved)
-    engine_request = EngineRequest(
-        prompt=prompt, sampling=call.sampling, prefix=prefix,
-        request_id=engine_request_id(request), add_special_tokens=call.add_special_tokens,
-        tenant=quota.share(call.tenant),
+    if len(prompt) + reserved > services.prompts.context:  # the engine's check, made early
+        raise srv.ContextLengthError(
+            f"prefix ({prefix_len}) + prompt ({len(prompt)}) + max_new_tokens "
+            f"({call.sampling.max_new_tokens}) = {len(prompt) + reserved} tokens exceeds this "
+            f"server's context of {services.prompts.context} tokens")
+    return EngineRequest(
+        prompt=prompt, sampling=call.sampling, prefix=prefix, request_id=request_id,
+        add_special_tokens=call.add_special_tokens, tenant=quota.share(call.tenant),
     )
-    reservation = await services.rate_limiter.reserve(
-        call.tenant, quota.tokens_per_minute, len(prompt) + call.sampling.max_new_tokens)
+
+
+async def _reserve_all(services: Services, tenant: str, quota: Quota,
+                       specs: Sequence[EngineRequest]) -> list[Reservation | None]:
+    """Each request's prompt + max_new_tokens; if one is refused, the others are given back."""
+    reservations: list[Reservation | None] = []
     try:
-        stream = await services.backend.submit(engine_request)
+        for spec in specs:
+            tokens = len(spec.prompt) + spec.sampling.max_new_tokens
+            reservations.append(
+                await services.rate_limiter.reserve(tenant, quota.tokens_per_minute, tokens))
     except BaseException:
-        if reservation is not None:  # refused before it ran: nothing was used
-            await services.rate_limiter.settle(reservation, 0)
+        for reservation in reservations:
+            if reservation is not None:
+                await services.rate_limiter.settle(reservation, 0)
         raise
-    generation = Generation(services, request, engine_request, stream, reservation)
-    annotate(request, engine_request_id=generation.id,
-             **({"replica": stream.replica} if stream.replica else {}))
-    return generation
+    return reservations
 
 
 async def tenant_quota(services: Services, tenant: str) -> Quota:
@@ -215,6 +263,27 @@ async def complete(generation: Generation, request: Request) -> tuple[str, Finis
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
     return await collector
+
+
+async def complete_all(generations: Sequence[Generation], request: Request
+                       ) -> list[tuple[str, Finished]]:
+    """`complete` for a batch of prompts: all run to the end; a client that hangs up (or a
+    failure reading one) cancels the rest."""
+    collectors = [asyncio.ensure_future(_collect(g)) for g in generations]
+    everything = asyncio.gather(*collectors)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    first: set[asyncio.Future[Any]] = {everything, watcher}
+    try:
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not everything.done() or everything.exception() is not None:
+            for generation, collector in zip(generations, collectors, strict=True):
+                if not collector.done():
+                    generation.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    return await everything
 
 
 async def _collect(generation: Generation) -> tuple[str, Finished]:

@@ -21,11 +21,13 @@ from server.api.generation import (
     Generation,
     GenerationCall,
     complete,
+    complete_all,
     finished_error,
     start_generation,
+    start_generations,
 )
 from server.api.openai_chat import default_max_tokens
-from server.api.openai_format import ChatFormat, CompletionFormat, openai_stream
+from server.api.openai_format import ChatFormat, CompletionFormat, batch_stream, openai_stream
 from server.api.openai_schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -38,7 +40,7 @@ from server.api.openai_schemas import (
 from server.api.sse import sse_response
 from server.api.state import Services
 from server.engine.request import FinishReason, SamplingParams
-from server.errors import IncompatiblePrefixError, NotFoundError
+from server.errors import IncompatiblePrefixError, InvalidRequestError, NotFoundError
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 _ERRORS = error_responses(400, 401, 403, 404, 422, 429, 503)
@@ -71,10 +73,38 @@ async def completions(
 ) -> JSONResponse | EventSourceResponse:
     body.check_supported()
     sampling = _sampling(body, body.max_tokens or 16)
-    call = GenerationCall(tenant, body.prompt_value(), sampling, _prefix_ref(body, services))
+    prompts = body.prompts()
+    if len(prompts) > 1:
+        return await _batch(services, request, body, tenant, prompts, sampling)
+    call = GenerationCall(tenant, prompts[0], sampling, _prefix_ref(body, services))
     generation = await start_generation(services, request, call)
     fmt = CompletionFormat(generation.id, body.model)
     return await _respond(services, request, body, generation, fmt)
+
+
+async def _batch(
+    services: Services, request: Request, body: CompletionRequest, tenant: str,
+    prompts: list[str | list[int]], sampling: SamplingParams,
+) -> JSONResponse | EventSourceResponse:
+    """A batch of prompts: each its own engine request, all submitted before any is read (so
+    they batch in the engine); choices in prompt order, `index` = prompt_index * n + i."""
+    limit = services.settings.max_prompts_per_request
+    if len(prompts) > limit:
+        raise InvalidRequestError(f"prompt: {len(prompts)} prompts; at most {limit} per request "
+                                  "(--max-prompts-per-request)")
+    prefix_ref = _prefix_ref(body, services)
+    calls = [GenerationCall(tenant, prompt, sampling, prefix_ref) for prompt in prompts]
+    generations = await start_generations(services, request, calls)
+    fmt = CompletionFormat(generations[0].id, body.model)
+    headers = generations[0].headers
+    if body.stream:
+        return sse_response(batch_stream(generations, fmt, body.include_usage), headers,
+                            services.settings)
+    results = await complete_all(generations, request)
+    for _, finished in results:
+        if finished.finish_reason is FinishReason.ERROR:
+            raise finished_error(finished)
+    return JSONResponse(fmt.batch_response(results).model_dump(), headers=headers)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -27,7 +28,7 @@ from server.api.openai_schemas import (
     OpenAIUsage,
 )
 from server.api.sse import sse_event
-from server.engine.request import Finished, FinishReason, TextDelta, Usage
+from server.engine.request import Event, Finished, FinishReason, TextDelta, Usage
 
 log = logging.getLogger("prefix_serve.api")
 DONE = "[DONE]"
@@ -53,6 +54,14 @@ def openai_usage(usage: Usage) -> OpenAIUsage:
                        total_tokens=usage.prompt_tokens + usage.completion_tokens)
 
 
+def summed_usage(finished: list[Finished]) -> OpenAIUsage:
+    """The usage of a batch of prompts: the sum of each one's."""
+    prompt = sum(f.usage.prompt_tokens for f in finished)
+    completion = sum(f.usage.completion_tokens for f in finished)
+    return OpenAIUsage(prompt_tokens=prompt, completion_tokens=completion,
+                       total_tokens=prompt + completion)
+
+
 @dataclass
 class CompletionFormat:
     """`/v1/completions` shapes for one request."""
@@ -66,19 +75,30 @@ class CompletionFormat:
         return f"cmpl-{self.request_id}"
 
     def response(self, text: str, finished: Finished) -> CompletionResponse:
-        choice = CompletionChoice(text=text, finish_reason=openai_finish(finished.finish_reason))
+        return self.batch_response([(text, finished)])
+
+    def batch_response(self, results: list[tuple[str, Finished]]) -> CompletionResponse:
+        """One choice per prompt, in prompt order (`index` = prompt_index * n + i, n = 1)."""
+        choices = [CompletionChoice(index=i, text=text,
+                                    finish_reason=openai_finish(finished.finish_reason))
+                   for i, (text, finished) in enumerate(results)]
         return CompletionResponse(id=self.id, created=self.created, model=self.model,
-                                  choices=[choice], usage=openai_usage(finished.usage))
+                                  choices=choices, usage=summed_usage([f for _, f in results]))
 
-    def delta(self, text: str) -> str:
-        return self._chunk([CompletionChunkChoice(text=text, finish_reason=None)]).model_dump_json()
+    def delta(self, text: str, index: int = 0) -> str:
+        choice = CompletionChunkChoice(index=index, text=text, finish_reason=None)
+        return self._chunk([choice]).model_dump_json()
 
-    def final(self, finished: Finished) -> str:
+    def final(self, finished: Finished, index: int = 0) -> str:
         reason = openai_finish(finished.finish_reason)
-        return self._chunk([CompletionChunkChoice(text="", finish_reason=reason)]).model_dump_json()
+        choice = CompletionChunkChoice(index=index, text="", finish_reason=reason)
+        return self._chunk([choice]).model_dump_json()
 
     def usage(self, finished: Finished) -> str:
-        return self._chunk([], openai_usage(finished.usage)).model_dump_json()
+        return self.batch_usage([finished])
+
+    def batch_usage(self, finished: list[Finished]) -> str:
+        return self._chunk([], summed_usage(finished)).model_dump_json()
 
     def _chunk(self, choices: list[CompletionChunkChoice], usage: OpenAIUsage | None = None
                ) -> CompletionChunk:
@@ -147,3 +167,48 @@ async def openai_stream(
         yield sse_event(json.dumps(internal_error_payload()))
     finally:
         generation.cancel()
+
+
+async def batch_stream(
+    generations: list[Generation], fmt: CompletionFormat, include_usage: bool
+) -> AsyncIterator[ServerSentEvent]:
+    """A batch of prompts as one stream: each chunk carries its prompt's choice `index`, every
+    choice ends with its `finish_reason` chunk, then the summed usage (if asked) and `[DONE]`.
+    A failure of any prompt ends the stream with an error chunk and cancels the others."""
+    queue: asyncio.Queue[tuple[int, Event | Exception]] = asyncio.Queue()
+    readers = [asyncio.ensure_future(_read(i, g, queue)) for i, g in enumerate(generations)]
+    finished: dict[int, Finished] = {}
+    try:
+        while len(finished) < len(generations):
+            index, event = await queue.get()
+            if isinstance(event, Exception):
+                raise event
+            if isinstance(event, TextDelta):
+                if event.text:
+                    yield sse_event(fmt.delta(event.text, index))
+            elif event.finish_reason is FinishReason.ERROR:
+                yield sse_event(json.dumps(serve_error_payload(finished_error(event))))
+                return
+            else:
+                finished[index] = event
+                yield sse_event(fmt.final(event, index))
+        if include_usage:
+            yield sse_event(fmt.batch_usage(list(finished.values())))
+        yield sse_event(DONE)
+    except Exception:
+        log.exception("stream of %s failed", fmt.id)
+        yield sse_event(json.dumps(internal_error_payload()))
+    finally:
+        for reader in readers:
+            reader.cancel()  # each reader cancels its request (a finished one: no-op)
+
+
+async def _read(index: int, generation: Generation,
+                queue: asyncio.Queue[tuple[int, Event | Exception]]) -> None:
+    try:
+        async for event in generation.events():
+            queue.put_nowait((index, event))
+    except Exception as exc:  # the stream reports it (an internal error chunk)
+        queue.put_nowait((index, exc))
+    finally:
+        generation.cancel()  # a reader cancelled early (the client hung up) frees its request

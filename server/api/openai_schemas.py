@@ -24,6 +24,7 @@ from server.errors import InvalidRequestError
 MAX_PROMPT_TOKENS = 1_000_000  # a prompt given as token ids
 MAX_MESSAGES = 4096
 MAX_CHOICES = 128  # `n` and `best_of`: only 1 is served, larger values are a 400 naming them
+MAX_PROMPTS = 4096  # prompts in one batch: the schema's ceiling (--max-prompts-per-request binds)
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]  # the vocabulary check comes later
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]  # OpenAI's range
 
@@ -94,11 +95,16 @@ class _OpenAIRequest(BaseModel):
 
 
 class CompletionRequest(_OpenAIRequest):
+    # One prompt (text or token ids) or a batch: a list of texts or of token-id lists, each
+    # prompt its own engine request (--max-prompts-per-request bounds how many).
     prompt: (
         Annotated[str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
         | Annotated[list[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]],
-                    Field(min_length=1, max_length=MAX_CHOICES)]
+                    Field(min_length=1, max_length=MAX_PROMPTS)]
         | Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_TOKENS)]
+        | Annotated[list[Annotated[list[TokenId], Field(min_length=1,
+                                                        max_length=MAX_PROMPT_TOKENS)]],
+                    Field(min_length=1, max_length=MAX_PROMPTS)]
     )
     max_tokens: int | None = Field(default=16, ge=1, le=MAX_NEW_TOKENS)
     echo: bool = False
@@ -106,21 +112,24 @@ class CompletionRequest(_OpenAIRequest):
     suffix: str | None = Field(default=None, max_length=MAX_PROMPT_CHARS)
 
     def _more_unsupported(self) -> dict[str, bool]:
-        prompts_list = isinstance(self.prompt, list) and self.prompt and isinstance(
-            self.prompt[0], str)
         return {
             "echo": self.echo,
             "best_of": self.best_of not in (None, 1),
             "suffix": bool(self.suffix),
-            "prompt (a list of several prompts)": bool(prompts_list and len(self.prompt) != 1),
         }
 
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts in order: one, or each of a batch."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if all(isinstance(p, int) for p in prompt):
+            return [[int(t) for t in prompt]]  # type: ignore[arg-type]
+        return [p if isinstance(p, str) else [int(t) for t in p] for p in prompt]  # type: ignore[union-attr]
+
     def prompt_value(self) -> str | list[int]:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if self.prompt and isinstance(self.prompt[0], str):
-            return str(self.prompt[0])
-        return [int(t) for t in self.prompt]
+        """The first prompt (kept for callers that take one)."""
+        return self.prompts()[0]
 
 
 class ChatMessage(BaseModel):

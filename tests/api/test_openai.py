@@ -37,7 +37,7 @@ async def test_completion_prompt_forms_and_defaults(server: Served, loaded: Load
 @pytest.mark.parametrize("extra,named", [
     ({"n": 2}, "n"), ({"logprobs": 2}, "logprobs"), ({"echo": True}, "echo"),
     ({"best_of": 3}, "best_of"), ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"prompt": ["a", "b"]}, "several prompts"),
+    ({"prompt": ["a", "b"], "n": 2}, "n"),
 ])
 async def test_unsupported_options_are_400(server: Served, loaded: LoadedModel,
                                            extra: dict, named: str) -> None:
