@@ -12,6 +12,7 @@ requests at full length could use, so small models do not claim memory they can 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -45,9 +46,13 @@ class PoolPlan:
         )
 
 
-def plan_pool(loaded: LoadedModel, config: EngineConfig) -> PoolPlan:
+def plan_pool(
+    loaded: LoadedModel, config: EngineConfig, *,
+    available_ram: Callable[[], int] | None = None,
+) -> PoolPlan:
     """The pool's shape and size for `loaded` under `config`; ValueError (naming the flags to
-    change) when it cannot hold one request of `max_seq_len` tokens."""
+    change) when it cannot hold one request of `max_seq_len` tokens. `available_ram` gives the
+    RAM a CPU pool takes its share of (default: what the system reports now)."""
     _refuse_sliding_window(loaded)
     max_seq_len = config.max_seq_len or loaded.max_context
     if max_seq_len > loaded.max_context:
@@ -58,7 +63,7 @@ def plan_pool(loaded: LoadedModel, config: EngineConfig) -> PoolPlan:
     fp = loaded.fingerprint
     shape = KVShape(fp.num_layers, fp.num_kv_heads, fp.head_dim, config.block_size)
     per_block = shape.bytes_per_block(loaded.dtype)
-    budget, source = _budget(loaded, config)
+    budget, source = _budget(loaded, config, available_ram or system_available_ram)
     # A request's prefix and own tokens start in separate blocks: one extra block at most.
     per_request = -(-max_seq_len // config.block_size) + 1
     num_blocks = min(budget // per_block, per_request * config.max_batch_size)
@@ -75,7 +80,9 @@ def plan_pool(loaded: LoadedModel, config: EngineConfig) -> PoolPlan:
     )
 
 
-def _budget(loaded: LoadedModel, config: EngineConfig) -> tuple[int, str]:
+def _budget(
+    loaded: LoadedModel, config: EngineConfig, available_ram: Callable[[], int]
+) -> tuple[int, str]:
     if config.kv_cache_bytes is not None:
         return config.kv_cache_bytes, f"--kv-cache-mb {config.kv_cache_bytes / MiB:.3g}"
     if loaded.device.type == "cuda":
@@ -89,7 +96,7 @@ def _budget(loaded: LoadedModel, config: EngineConfig) -> tuple[int, str]:
             f"{(total - free) / 2**30:.1f} GiB in use and {activations / 2**30:.2f} GiB for a "
             "step's activations"
         )
-    available = _available_ram()
+    available = available_ram()
     share = config.cpu_kv_fraction
     return int(share * available), (
         f"--cpu-kv-fraction {share:g} of {available / 2**30:.1f} GiB available RAM"
@@ -111,7 +118,7 @@ def _step_activation_bytes(loaded: LoadedModel, tokens: int, samplers: int) -> i
     return peak
 
 
-def _available_ram() -> int:
+def system_available_ram() -> int:
     """Bytes of RAM the system reports available (Linux MemAvailable; else free pages)."""
     try:
         with open("/proc/meminfo") as f:

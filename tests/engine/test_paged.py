@@ -120,8 +120,10 @@ def _shaped(loaded, layers: int, kv_heads: int, head_dim: int, context: int):
     return dataclasses.replace(loaded, fingerprint=fp, dtype=torch.bfloat16, max_context=context)
 
 
-def test_real_model_shapes_are_served_with_the_default_flags(load_tiny, monkeypatch) -> None:
-    monkeypatch.setattr(memory, "_available_ram", lambda: 16 * 2**30)  # a 16 GiB machine
+def test_real_model_shapes_are_served_with_the_default_flags(load_tiny) -> None:
+    def plan_pool(loaded, config):
+        return memory.plan_pool(loaded, config, available_ram=lambda: 16 * 2**30)  # 16 GiB
+
     qwen3_06b = _shaped(load_tiny("qwen3"), 28, 8, 128, 40960)  # 112 KiB of K/V per token
     plan = plan_pool(qwen3_06b, EngineConfig())
     assert plan.max_seq_len == 40960 and plan.num_blocks * 16 == 74_896  # half of 16 GiB
