@@ -31,6 +31,10 @@ class CachedStore:
         self._subscription: Subscription | None = None
         self._inflight: dict[tuple[str, str, int], asyncio.Future[PrefixArtifact]] = {}
 
+    def __contains__(self, key: object) -> bool:
+        """Whether `(tenant, ref)` is cached now (a `get` of it would not reach the store)."""
+        return key in self._entries
+
     async def start(self) -> None:
         """Subscribe to the store's changes (call once, inside the event loop)."""
         if self._subscription is None:

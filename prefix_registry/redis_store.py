@@ -86,6 +86,11 @@ class RedisStore(RedisTenants):
         self._meta_script = self._redis.register_script(META_SCRIPT)
         self._list_script = self._redis.register_script(LIST_SCRIPT)
 
+    @property
+    def url(self) -> str:
+        """The URL this store was opened with (another client of the same Redis can use it)."""
+        return self._target.url
+
     # ---- prefixes -------------------------------------------------------------------------
 
     async def put(

@@ -116,7 +116,7 @@ async def _check_nothing_acknowledged_was_lost(url: str, acked: list[PrefixMeta]
 async def _check_announcements_resume(store: RedisStore, make_artifact: MakeArtifact,
                                       changes: list[tuple[str, str]]) -> None:
     """A write from another client after the failover reaches this store's subscriber."""
-    other = RedisStore(store._target.url, namespace="ha:")
+    other = RedisStore(store.url, namespace="ha:")
     deadline = time.monotonic() + FAILOVER_DEADLINE_S
     try:
         while ("acme", "after") not in changes:
