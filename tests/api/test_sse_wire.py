@@ -21,6 +21,7 @@ from server.models.loader import LoadedModel
 from tests.api.conftest import SettingsFactory
 from tests.api.helpers import ADMIN_KEY, auth, decode, reference_greedy
 from tests.api.live import LiveServer, live_server, wait_for
+from tests.engine.helpers import OnForward
 
 PROMPT = "hello world"
 N = 6
@@ -194,13 +195,7 @@ def slow_steps(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every engine step takes 0.3 s: streams sit idle between their events."""
     engine = server.services.engine
     assert engine is not None
-    run = engine.runner.run
-
-    def slow_run(work: Any) -> Any:
-        time.sleep(0.3)
-        return run(work)
-
-    monkeypatch.setattr(engine.runner, "run", slow_run)
+    monkeypatch.setattr(engine, "step_hook", OnForward(lambda work: time.sleep(0.3)))
 
 
 def short(path: str) -> dict[str, Any]:
