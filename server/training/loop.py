@@ -118,7 +118,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.lr * lr_factor(
                 self.state.step, self.plan, self.config.schedule, self.config.min_lr_ratio)
-        batches = self._micro_batches(self.state.step)
+        batches = self.micro_batches(self.state.step)
         total_labels = sum(b.num_labels for b in batches)
         loss_sum = sum(self._backward(b, total_labels) for b in batches)
         self._optimizer_step()
@@ -147,7 +147,9 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _micro_batches(self, step: int) -> list[Batch]:
+    def micro_batches(self, step: int) -> list[Batch]:
+        """The `grad_accum` micro-batches of optimiser step `step` (a pure function of the data,
+        the batch size and the seed, so a resumed run sees the same batches)."""
         accum = self.config.grad_accum
         batches = []
         for index in range(step * accum, (step + 1) * accum):

@@ -27,7 +27,7 @@ def test_only_the_prefix_gets_gradients_and_the_base_stays_bit_identical(tiny_ll
     trainer = _trainer(tiny_llama)
     optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert optimised == {id(p) for p in trainer.prefix.parameters()}
-    batch = trainer._micro_batches(0)[0]
+    batch = trainer.micro_batches(0)[0]
     trainer._backward(batch, batch.num_labels)
     assert all(p.grad is None and not p.requires_grad for p in tiny_llama.model.parameters())
     grad = trainer.prefix.p_theta.grad
