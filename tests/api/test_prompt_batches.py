@@ -6,6 +6,7 @@ counted in the tokens per minute. The official openai client and LangChain run a
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
@@ -14,11 +15,21 @@ import httpx
 import openai
 import pytest
 
+from server.api import generation
 from server.api.rate_limit import TokenRateLimiter
 from server.models.loader import LoadedModel
 from tests.api.conftest import Served, SettingsFactory, serve
-from tests.api.helpers import ADMIN_KEY, auth, create_tenant
-from tests.api.live import LiveServer, live_server
+from tests.api.helpers import (
+    ADMIN_KEY,
+    auth,
+    create_tenant,
+    decode,
+    prefix_tensors,
+    reference_greedy,
+    safetensors_file,
+)
+from tests.api.live import LiveServer, live_server, wait_for
+from tests.engine.helpers import OnForward
 
 PROMPTS = ["hello world", "the cat sat", "a b c d e"]
 N = 6
@@ -164,3 +175,36 @@ async def test_tokens_per_minute_count_each_prompt(server: Served, loaded: Loade
                                       json={**body, "prompt": [PROMPTS[0]] * 2})
     assert served.status_code == 200, served.text
     assert charged() == served.json()["usage"]["total_tokens"]  # both prompts, as used
+
+
+def test_hanging_up_a_batch_stream_frees_every_prompt(live: LiveServer,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    client = client_for(live)
+    engine = live.services.engine
+    assert engine is not None
+    monkeypatch.setattr(engine, "step_hook", OnForward(lambda work: time.sleep(0.01)))
+    body = {"model": "tiny-llama", "prompt": PROMPTS, "max_tokens": 200, "stream": True}
+    with httpx.Client(base_url=live.url, timeout=30) as http, http.stream(
+        "POST", "/v1/completions", headers=auth(client.api_key), json=body
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                break
+    wait_for(lambda: engine.stats().running + engine.stats().waiting == 0
+             and not generation._draining)
+    assert engine.stats().tokens_generated < 3 * 200  # cancelled, not run to the end
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_a_batch_through_a_prefix_matches_each_prompt_alone(live: LiveServer,
+                                                            loaded: LoadedModel) -> None:
+    client = client_for(live)
+    tensors = prefix_tensors(loaded, "kv", seed=7)
+    made = httpx.post(f"{live.url}/admin/prefixes", headers=auth(client.api_key),
+                      data={"name": "style"},
+                      files=[("file", ("p.safetensors", safetensors_file(tensors)))])
+    assert made.status_code == 201, made.text
+    expected = [decode(loaded, reference_greedy(loaded, p, N, tensors)) for p in PROMPTS]
+    batch = client.completions.create(model="style", prompt=PROMPTS, max_tokens=N, temperature=0)
+    assert [c.text for c in batch.choices] == expected
