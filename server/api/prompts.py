@@ -127,6 +127,14 @@ class PromptEncoder:
                     f"{field} has {len(items)} items: more than the context of {self.context} "
                     "tokens holds"
                 )
+        prompts = body.get("prompt")  # a batch of token-id lists: each one by its length
+        if isinstance(prompts, list):
+            for index, ids in enumerate(prompts):
+                if isinstance(ids, list) and len(ids) > self.context:
+                    raise ContextLengthError(
+                        f"prompt {index} has {len(ids)} token ids: more than the context of "
+                        f"{self.context} tokens holds"
+                    )
 
     def refuse_if_too_long(self, text: str, reserved: int) -> None:
         """ContextLengthError when `text` plus `reserved` tokens (prefix + output) cannot fit."""

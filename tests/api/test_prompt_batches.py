@@ -208,3 +208,14 @@ def test_a_batch_through_a_prefix_matches_each_prompt_alone(live: LiveServer,
     expected = [decode(loaded, reference_greedy(loaded, p, N, tensors)) for p in PROMPTS]
     batch = client.completions.create(model="style", prompt=PROMPTS, max_tokens=N, temperature=0)
     assert [c.text for c in batch.choices] == expected
+
+
+async def test_a_batch_of_over_long_token_lists_is_refused_by_length(
+    server: Served, loaded: LoadedModel
+) -> None:
+    key = await create_tenant(server.client, "acme")
+    too_long = [1] * (loaded.max_context + 1)
+    response = await server.client.post("/v1/completions", headers=auth(key), json={
+        "model": loaded.name, "prompt": [[5, 6], too_long], "max_tokens": 1})
+    assert response.status_code == 400
+    assert "prompt 1 has" in response.json()["error"]["message"]  # before any item is validated
