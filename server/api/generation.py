@@ -301,22 +301,7 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-def error_class(error_type: str) -> type[srv.ServeError]:
-    """The ServeError subclass of this `type` (the base class for an unknown one)."""
-    return _ERROR_TYPES.get(error_type, srv.ServeError)
-
-
 def finished_error(finished: Finished) -> srv.ServeError:
     """The server error a `Finished(finish_reason=error)` event stands for."""
-    cls = error_class(finished.error_type or "")
+    cls = finished.error or srv.ServeError
     return cls(finished.error_message or "the request failed")
-
-
-def _error_classes(root: type[srv.ServeError]) -> dict[str, type[srv.ServeError]]:
-    table = {root.type: root}
-    for sub in root.__subclasses__():
-        table.update(_error_classes(sub))
-    return table
-
-
-_ERROR_TYPES = _error_classes(srv.ServeError)

@@ -161,7 +161,7 @@ class OutputProcessor:
         usage = Usage(len(request.prompt_ids), live.emitted, request.prefix_len)
         self._outbox.put(live.stream, Finished(
             finish_reason=reason, usage=usage, timings=request.timings(now()),
-            error_type=error.type if error is not None else None,
+            error=type(error) if error is not None else None,
             error_message=error.message if error is not None else None,
         ))
         live.done = True

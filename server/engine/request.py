@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from prefix_registry.fingerprint import ModelFingerprint
+    from server.errors import ServeError
 
 
 @dataclass(frozen=True)
@@ -104,8 +105,13 @@ class Finished:
     finish_reason: FinishReason
     usage: Usage
     timings: Timings
-    error_type: str | None = None  # set when finish_reason is ERROR (a ServeError.type)
+    error: type[ServeError] | None = None  # set when finish_reason is ERROR: the class itself
     error_message: str | None = None
+
+    @property
+    def error_type(self) -> str | None:
+        """The error's wire `type` (for logs and error bodies)."""
+        return self.error.type if self.error is not None else None
 
 
 Event = TextDelta | Finished

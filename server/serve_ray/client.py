@@ -20,7 +20,6 @@ from ray.serve.handle import DeploymentHandle
 
 from server import errors as srv
 from server.api.backend import EventStream
-from server.api.generation import error_class
 from server.engine.config import EngineStats
 from server.engine.request import (
     EngineRequest,
@@ -138,7 +137,7 @@ class RemoteStream:
 
 
 def _refusal(refused: Refused) -> srv.ServeError:
-    cls = error_class(refused.error_type)
+    cls = refused.error
     if issubclass(cls, srv.OverloadedError):
         return cls(refused.message, retry_after=refused.retry_after or 1.0)
     return cls(refused.message)
@@ -147,6 +146,6 @@ def _refusal(refused: Refused) -> srv.ServeError:
 def _lost(exc: BaseException) -> Finished:
     return Finished(
         FinishReason.ERROR, Usage(0, 0, 0), Timings(0.0, None, 0.0),
-        error_type=srv.ReplicaUnavailableError.type,
+        error=srv.ReplicaUnavailableError,
         error_message=f"the engine replica serving this request was lost: {exc}",
     )

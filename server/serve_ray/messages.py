@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from server.engine.config import EngineStats
 from server.engine.request import EngineRequest
+from server.errors import ServeError
 
 
 @dataclass(frozen=True)
@@ -17,9 +18,9 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Refused:
-    """The replica refused the request before running it (a ServeError, by its type)."""
+    """The replica refused the request before running it (a ServeError, by its class)."""
 
-    error_type: str  # ServeError.type
+    error: type[ServeError]
     message: str
     retry_after: float | None = None  # for 429
 

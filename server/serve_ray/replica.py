@@ -92,7 +92,7 @@ class EngineReplica:
             error = to_serve_error(exc)
             if error is None:
                 raise
-            yield Refused(error.type, error.message, getattr(error, "retry_after", None))
+            yield Refused(type(error), error.message, getattr(error, "retry_after", None))
             return
         yield Accepted(self.replica)
         try:
