@@ -14,6 +14,10 @@ tenant, and only from the tenant that holds the most blocks (its newest request)
 tenant that holds fewer than its own. So one tenant's growth never preempts a lighter tenant's
 request, and the recompute of a preempted request is charged to its own tenant's fairness
 counter (`WaitQueue.recomputed`). Preemptions are counted per tenant (`tenant_preemptions`).
+A victim's tokens already planned in the step go back into the step's budget.
+
+The block manager holds every block table; a step's result is a frozen `StepPlan` of plain
+data (ids, tokens, positions, block ids), which is all the runner reads.
 """
 
 from __future__ import annotations
