@@ -219,3 +219,17 @@ async def test_a_batch_of_over_long_token_lists_is_refused_by_length(
         "model": loaded.name, "prompt": [[5, 6], too_long], "max_tokens": 1})
     assert response.status_code == 400
     assert "prompt 1 has" in response.json()["error"]["message"]  # before any item is validated
+
+
+def test_langchain_chat_openai(live: LiveServer) -> None:
+    langchain_openai = pytest.importorskip("langchain_openai")
+    client = client_for(live)
+    messages = [{"role": "user", "content": p} for p in PROMPTS[:2]]
+    expected = [client.chat.completions.create(
+        model="tiny-llama", messages=[m], max_tokens=N, temperature=0,  # type: ignore[list-item]
+    ).choices[0].message.content for m in messages]
+    chat = langchain_openai.ChatOpenAI(base_url=f"{live.url}/v1", api_key=client.api_key,
+                                       model="tiny-llama", temperature=0, max_tokens=N,
+                                       max_retries=0)
+    assert [m.content for m in chat.batch(PROMPTS[:2])] == expected
+    assert "".join(str(c.content) for c in chat.stream(PROMPTS[0])) == expected[0]
