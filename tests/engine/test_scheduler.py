@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from server.engine.block_manager import BlockManager
 from server.engine.fairness import FifoQueue
 from server.engine.request import (
@@ -212,3 +214,23 @@ def test_a_failed_grow_at_admission_leaves_the_request_waiting_and_holding_nothi
     assert plan.new_prefixes[0].holders == ("a",)
     entry = s.blocks.prefix_of("a")
     assert entry is not None and entry.holders == 1  # b's hold was given back
+
+
+def _plain(value: object) -> bool:
+    if isinstance(value, tuple):
+        return all(_plain(item) for item in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        frozen = type(value).__dataclass_params__.frozen  # type: ignore[attr-defined]
+        return frozen and all(_plain(getattr(value, f.name)) for f in dataclasses.fields(value))
+    return isinstance(value, int | str | bool)
+
+
+def test_the_plan_is_frozen_plain_data_with_no_live_request() -> None:
+    """What the runner reads: ids, tokens, positions and block ids, never a `Request` or a
+    block list the block manager may still change."""
+    s = _scheduler(block_size=4)
+    for rid in ("a", "b"):
+        s.add(_request(rid, 5, prefix=PREFIX))
+    plan = s.schedule(0.0)
+    assert plan.work and plan.new_prefixes and _plain(plan)
+    assert plan.work[0].token_ids == (1,) * 5 and plan.work[0].blocks == (2, 3)
