@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from server.cli_args import build_parser, describe_error
+from server.cli_args import build_parser, describe_error, env_var, flag
 from server.settings import Settings
 from server.startup import StartupError, bind_socket
 
@@ -74,12 +74,22 @@ def test_help_is_readable_and_imports_no_torch() -> None:
         assert wrong not in text, wrong
 
 
-def test_every_setting_has_a_flag_with_help() -> None:
-    parser = build_parser()
-    flags = {a.dest: a for a in parser._actions if a.dest != "help"}
-    assert set(flags) == set(Settings.model_fields)
-    for action in flags.values():
-        assert action.help and "$PREFIX_SERVE_" in action.help
+def test_every_setting_has_a_flag_with_help(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read from `--help` itself (at a wide terminal, so no help wraps): every setting has a
+    flag, every flag a setting, and each one's help names its environment variable."""
+    monkeypatch.setenv("COLUMNS", "10000")
+    entries: list[str] = []  # each flag's lines: its name, then its help (maybe on the next)
+    for line in build_parser().format_help().splitlines():
+        if line.startswith("  -"):
+            entries.append(line.strip())
+        elif entries and line.startswith("   "):
+            entries[-1] += " " + line.strip()
+    flags = {entry.split()[0].rstrip(","): entry for entry in entries}
+    flags.pop("-h", None)
+    flags.pop("--version", None)
+    assert set(flags) == {flag(name) for name in Settings.model_fields}
+    for name in Settings.model_fields:
+        assert f"${env_var(name)}" in flags[flag(name)], flags[flag(name)]
 
 
 def test_missing_model_names_the_flag_and_variable() -> None:
