@@ -68,7 +68,8 @@ def test_help_is_readable_and_imports_no_torch() -> None:
     assert result.returncode == 0, result.stderr
     text = result.stdout
     for needle in ("--model ID_OR_DIR", "(required; $PREFIX_SERVE_MODEL)", "--threads N",
-                   "--admin-key KEY", "(default: the --model value;", "(default: 16;"):
+                   "--admin-key KEY", "(default: the model directory's name, or the hub id;",
+                   "(default: 16;"):
         assert needle in text, needle
     for wrong in ("null", "SecretStr", "{str", "(default: model's)"):
         assert wrong not in text, wrong
