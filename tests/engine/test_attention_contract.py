@@ -114,3 +114,48 @@ def test_sdpa_with_a_boolean_mask_does_not_hide_nan() -> None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[None, None])
         if not out.isnan().any():
             pytest.skip(f"this torch's SDPA hides NaN {poisoned} behind a mask")
+
+
+def _random_layout(g: torch.Generator) -> tuple[StepLayout, list[list[tuple[int, int]]], int]:
+    """Random rows (short and long decode rows, prompt chunks) on a shuffled pool: block ids in
+    random order, two prefixes shared by several rows, partial last blocks anywhere."""
+
+    def draw(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (1,), generator=g))
+
+    pool = torch.randperm(256, generator=g).tolist()  # block ids handed out in random order
+    prefixes = []
+    for _ in range(2):
+        length = draw(1, 3 * BS + 1)
+        prefixes.append(([pool.pop() for _ in range(-(-length // BS))], length))
+    rows, owned, start = [], [], 0
+    for _ in range(draw(3, 8)):
+        kind = draw(0, 2)
+        query_len = 1 if kind < 2 else draw(2, 9)
+        cached = draw(LONG_ROW_BLOCKS * BS, LONG_ROW_BLOCKS * BS + 9) if kind == 1 else draw(0, 11)
+        prefix, prefix_len = prefixes[draw(0, 1)] if draw(0, 2) else ([], 0)
+        own_len = cached + query_len
+        own = [pool.pop() for _ in range(-(-own_len // BS))]
+        rows.append(RowLayout(start, query_len, cached, own, prefix, prefix_len))
+        slots = [(prefix[i // BS], i % BS) for i in range(prefix_len)]
+        owned.append(slots + [(own[i // BS], i % BS) for i in range(own_len)])
+        start += query_len
+    return StepLayout(BS, rows, start), owned, 256
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_pools_and_block_tables_match_dense_attention(seed: int) -> None:
+    """Grouped-query heads, shared and partial prefix blocks, short and long rows, chunks, on a
+    random pool whose every slot holds data (another request's): equal to dense SDPA per row."""
+    g = torch.Generator().manual_seed(seed)
+    layout, owned, blocks = _random_layout(g)
+    keys = torch.randn(blocks, KV_HEADS, BS, HD, generator=g)
+    values = torch.randn(blocks, KV_HEADS, BS, HD, generator=g)
+    q = torch.randn(layout.num_tokens, HEADS, HD, generator=g)
+    backend = TorchPagedAttention()
+    scale = HD**-0.5
+    out = backend.attend(q, keys, values, backend.prepare(layout, torch.device("cpu")), scale)
+    for row, slots in zip(layout.rows, owned, strict=True):
+        rows = slice(row.query_start, row.query_start + row.query_len)
+        want = _dense(q[rows], keys, values, row, slots, scale)
+        torch.testing.assert_close(out[rows], want, atol=1e-5, rtol=1e-5)
