@@ -21,7 +21,7 @@ from prefix_registry.store import PrefixStore
 from prefix_registry.validation import Limits
 from server.api import admin_prefixes, admin_quotas, admin_tenants, generate, health, openai
 from server.api.auth import DEFAULT_TENANT, Authenticator
-from server.api.backend import EngineBackend, LocalBackend
+from server.api.engine_backend import EngineBackend, LocalBackend
 from server.api.errors import install_error_handlers
 from server.api.guard import RequestGuard
 from server.api.key_cache import KeyCache

@@ -10,7 +10,7 @@ from fastapi.security import HTTPBearer
 from prefix_registry.errors import TenantNotFoundError, excerpt
 from prefix_registry.store import PrefixStore
 from server.api.auth import Principal
-from server.api.backend import EngineBackend
+from server.api.engine_backend import EngineBackend
 from server.api.guard import principal_of
 from server.api.middleware import annotate
 from server.api.state import Services

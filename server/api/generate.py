@@ -11,14 +11,14 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server.api.deps import EngineDep, GenerationTenant, ServicesDep
-from server.api.errors import error_responses, internal_error_payload, serve_error_payload
-from server.api.generation import (
+from server.api.engine_calls import (
     Generation,
     GenerationCall,
     complete,
     finished_error,
     start_generation,
 )
+from server.api.errors import error_responses, internal_error_payload, serve_error_payload
 from server.api.schemas import (
     DeltaOut,
     GenerateDone,

@@ -16,8 +16,7 @@ from sse_starlette import EventSourceResponse
 
 from prefix_registry import errors as reg
 from server.api.deps import EngineDep, GenerationTenant, ServicesDep, StoreDep
-from server.api.errors import error_responses
-from server.api.generation import (
+from server.api.engine_calls import (
     Generation,
     GenerationCall,
     complete,
@@ -26,6 +25,7 @@ from server.api.generation import (
     start_generation,
     start_generations,
 )
+from server.api.errors import error_responses
 from server.api.openai_chat import default_max_tokens
 from server.api.openai_format import ChatFormat, CompletionFormat, batch_stream, openai_stream
 from server.api.openai_schemas import (

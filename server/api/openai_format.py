@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 from sse_starlette import ServerSentEvent
 
+from server.api.engine_calls import Generation, finished_error
 from server.api.errors import internal_error_payload, serve_error_payload
-from server.api.generation import Generation, finished_error
 from server.api.openai_schemas import (
     AssistantMessage,
     ChatChoice,

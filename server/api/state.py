@@ -16,7 +16,7 @@ from pathlib import Path
 
 from prefix_registry.store import PrefixStore
 from server.api.auth import Authenticator
-from server.api.backend import EngineBackend
+from server.api.engine_backend import EngineBackend
 from server.api.metrics import Metrics
 from server.api.prompts import PromptEncoder
 from server.api.quotas import QuotaCache

@@ -19,7 +19,7 @@ from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, Worker
 from ray.serve.handle import DeploymentHandle
 
 from server import errors as srv
-from server.api.backend import EventStream
+from server.api.engine_backend import EventStream
 from server.engine.config import EngineStats
 from server.engine.request import (
     EngineRequest,

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from server import errors as srv
-from server.api.generation import finished_error
+from server.api.engine_calls import finished_error
 from server.engine.request import Finished, FinishReason, Timings, Usage
 
 

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from server.api import generation
+from server.api import engine_calls
 from server.api.rate_limit import TokenRateLimiter
 from server.models.loader import LoadedModel
 from tests.api.conftest import Served, SettingsFactory, serve
@@ -192,7 +192,7 @@ def test_hanging_up_a_batch_stream_frees_every_prompt(live: LiveServer,
             if line.startswith("data: {"):
                 break
     wait_for(lambda: engine.stats().running + engine.stats().waiting == 0
-             and not generation._draining)
+             and not engine_calls._draining)
     assert engine.stats().tokens_generated < 3 * 200  # cancelled, not run to the end
     assert engine.stats().kv_blocks_used == 0
 

@@ -21,7 +21,7 @@ from prometheus_client import generate_latest
 
 from prefix_registry.redis_store import RedisStore
 from prefix_registry.token_buckets import LocalTokenBuckets, RedisTokenBuckets
-from server.api import generation
+from server.api import engine_calls
 from server.api.rate_limit import TokenRateLimiter
 from server.errors import RateLimitedError
 from server.models.loader import LoadedModel
@@ -87,7 +87,7 @@ def settled(live: LiveServer) -> None:
     engine = live.services.engine
     assert engine is not None
     wait_for(lambda: engine.stats().running + engine.stats().waiting == 0
-             and not generation._draining)
+             and not engine_calls._draining)
 
 
 def slow_steps(live: LiveServer, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -24,7 +24,7 @@ from starlette.requests import Request
 
 from prefix_registry.errors import RegistryUnavailableError, TenantNotFoundError
 from server import errors as srv
-from server.api.backend import EventStream
+from server.api.engine_backend import EventStream
 from server.api.middleware import annotate, new_request_id, request_id
 from server.api.quotas import Quota
 from server.api.rate_limit import Reservation
