@@ -4,9 +4,19 @@ Each error carries the HTTP status and a machine-readable `type`; `server/api/er
 every one of them as `{"error": {"type": ..., "message": ...}}`. The engine raises these too (it
 knows the classes, not HTTP). `RequestError`s fail one request; `FatalEngineError` means the
 engine is dead and the server is not ready.
+
+The registry's errors (`prefix_registry.errors`: not found, conflict, quota exceeded, registry
+unavailable...) are defined there only, since the registry cannot import the server; the one HTTP
+mapping in `server/api/errors.py` gives each its status and type. They are re-exported here so
+the server names every error it raises from one place.
 """
 
 from __future__ import annotations
+
+from prefix_registry.errors import ConflictError as ConflictError
+from prefix_registry.errors import NotFoundError as NotFoundError
+from prefix_registry.errors import QuotaExceededError as QuotaExceededError
+from prefix_registry.errors import RegistryUnavailableError as RegistryUnavailableError
 
 
 class ServeError(Exception):
@@ -39,22 +49,6 @@ class AuthenticationError(RequestError):
 class PermissionDeniedError(RequestError):
     status_code = 403
     type = "permission_denied"
-
-
-class QuotaExceededError(PermissionDeniedError):
-    """The tenant's storage quota (prefix count, stored bytes) does not allow this."""
-
-    type = "quota_exceeded"
-
-
-class NotFoundError(RequestError):
-    status_code = 404
-    type = "not_found"
-
-
-class ConflictError(RequestError):
-    status_code = 409
-    type = "conflict"
 
 
 class PayloadTooLargeError(RequestError):
@@ -130,10 +124,6 @@ class UnavailableError(ServeError):
 
 class ShuttingDownError(UnavailableError):
     type = "shutting_down"
-
-
-class RegistryUnavailableError(UnavailableError):
-    type = "registry_unavailable"
 
 
 class FatalEngineError(UnavailableError):

@@ -1,15 +1,19 @@
 """The one place errors become HTTP: `{"error": {"type": ..., "message": ...}}` with a status.
 
-The server's tree (`server.errors`) carries status and type; the registry's tree is mapped onto it
-here; FastAPI's validation errors become 422 and Starlette's HTTP exceptions keep their status.
+The server's tree (`server.errors`) carries status and type; the registry's tree (the only
+definition of its classes: not found, conflict, quota exceeded, registry unavailable...) is
+mapped onto it here; FastAPI's validation errors become 422 and Starlette's HTTP exceptions keep
+their status.
 Unknown exceptions are caught by `RequestContextMiddleware` (logged, 500 in the same format).
 A streamed failure uses `error_payload` for its `error` event.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,17 +28,33 @@ from server.api.schemas import ErrorBody
 
 log = logging.getLogger("prefix_serve.api")
 
-# Registry error class -> server error class (first match in MRO order wins).
-_REGISTRY_TO_SERVER: dict[type, type[srv.ServeError]] = {
-    reg.NotFoundError: srv.NotFoundError,
+_MakeError = Callable[[str], srv.ServeError]
+
+
+def _wire(family: type[srv.ServeError], status: int, error_type: str) -> _MakeError:
+    """Renders a registry error that has no server class of its own (the registry's class is its
+    one definition): an error of the server class of its family (for headers such as
+    Retry-After) sent with its own status and type."""
+
+    def make(message: str) -> srv.ServeError:
+        error = family(message)
+        error.status_code, error.type = status, error_type
+        return error
+
+    return make
+
+
+# Registry error class -> the server error it is sent as (first match in MRO order wins).
+_REGISTRY_TO_SERVER: dict[type, _MakeError] = {
+    reg.NotFoundError: _wire(srv.RequestError, 404, "not_found"),
     reg.FingerprintMismatchError: srv.IncompatiblePrefixError,
     reg.InvalidPrefixError: srv.ValidationError,
     reg.PrefixTooLargeError: srv.PayloadTooLargeError,
-    reg.QuotaExceededError: srv.QuotaExceededError,
+    reg.QuotaExceededError: _wire(srv.PermissionDeniedError, 403, "quota_exceeded"),
     reg.InvalidQuotaError: srv.ValidationError,
-    reg.ConflictError: srv.ConflictError,
+    reg.ConflictError: _wire(srv.RequestError, 409, "conflict"),
     reg.CorruptRecordError: srv.CorruptRecordError,
-    reg.RegistryUnavailableError: srv.RegistryUnavailableError,
+    reg.RegistryUnavailableError: _wire(srv.UnavailableError, 503, "registry_unavailable"),
 }
 _STATUS_TYPES = {
     400: "invalid_request",
@@ -110,10 +130,10 @@ OPERATOR_TENANT_HINT = (
 
 def _with_hint(request: Request, error: srv.ServeError) -> srv.ServeError:
     """A 404 for an operator who named no tenant says how to name one."""
-    if isinstance(error, srv.NotFoundError) and getattr(
-        request.state, "operator_default_tenant", False
-    ):
-        return srv.NotFoundError(error.message + OPERATOR_TENANT_HINT)
+    if error.type == "not_found" and getattr(request.state, "operator_default_tenant", False):
+        hinted = copy.copy(error)  # keeps its status and type
+        hinted.message = error.message + OPERATOR_TENANT_HINT
+        return hinted
     return error
 
 

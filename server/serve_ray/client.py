@@ -18,6 +18,7 @@ from typing import Any
 from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, WorkerCrashedError
 from ray.serve.handle import DeploymentHandle
 
+from prefix_registry.errors import RegistryError
 from server import errors as srv
 from server.api.engine_backend import EventStream
 from server.engine.config import EngineStats
@@ -127,7 +128,7 @@ class RemoteStream:
                     self.replica, self._request.request_id, exc)
         try:
             await self.open()
-        except srv.ServeError:
+        except (srv.ServeError, RegistryError):
             return False
         return True
 
@@ -136,7 +137,7 @@ class RemoteStream:
             self._generator.cancel()  # Ray cancels the replica's generator: the engine frees it
 
 
-def _refusal(refused: Refused) -> srv.ServeError:
+def _refusal(refused: Refused) -> srv.ServeError | RegistryError:
     cls = refused.error
     if issubclass(cls, srv.OverloadedError):
         return cls(refused.message, retry_after=refused.retry_after or 1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from prefix_registry.errors import RegistryError
 from server.engine.config import EngineStats
 from server.engine.request import EngineRequest
 from server.errors import ServeError
@@ -18,9 +19,10 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Refused:
-    """The replica refused the request before running it (a ServeError, by its class)."""
+    """The replica refused the request before running it: a ServeError or a registry error (a
+    prefix not found...), by its class."""
 
-    error: type[ServeError]
+    error: type[ServeError] | type[RegistryError]
     message: str
     retry_after: float | None = None  # for 429
 

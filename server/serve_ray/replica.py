@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import torch
 from ray import serve
 
+from prefix_registry.errors import RegistryError
 from server.api.errors import to_serve_error
 from server.app import engine_config, open_registry
 from server.engine.engine import Engine
@@ -92,7 +93,10 @@ class EngineReplica:
             error = to_serve_error(exc)
             if error is None:
                 raise
-            yield Refused(type(error), error.message, getattr(error, "retry_after", None))
+            # A registry error goes as its own class (its only definition); the caller's error
+            # handler maps it again.
+            cls = type(exc) if isinstance(exc, RegistryError) else type(error)
+            yield Refused(cls, error.message, getattr(error, "retry_after", None))
             return
         yield Accepted(self.replica)
         try:

@@ -1,9 +1,11 @@
 """Every error type the server can send maps, in the SDK, to the server's status and class.
 
 The server's types are enumerated, not listed: every `ServeError` class defined anywhere in the
-server (all its modules are imported first, so a class added in any room is found), the types its
-HTTP handler gives plain HTTP errors (`_STATUS_TYPES`), and every registry error class (which
-must map to a server error, or it would reach the client as a 500). For each, the SDK must build
+server (all its modules are imported first, so a class added in any room is found), every registry
+error class as the HTTP mapping sends it (the registry's classes are the only definition of not
+found, conflict, quota exceeded and registry unavailable; each must map to a server error, or it
+would reach the client as a 500), and the types its HTTP handler gives plain HTTP errors
+(`_STATUS_TYPES`). For each, the SDK must build
 the same status and class from the plain response *and* from an `error` event inside a 200
 stream, where only the type is there to go by.
 """
@@ -49,6 +51,11 @@ def server_error_types() -> dict[str, tuple[int, str | None]]:
     for cls in [srv.ServeError, *_subclasses(srv.ServeError)]:
         seen = table.setdefault(cls.type, (cls.status_code, cls.__name__))
         assert seen[0] == cls.status_code, f"{cls.type} has two statuses on the server"
+    for registry_cls in _subclasses(reg.RegistryError):
+        sent = api_errors.to_serve_error(registry_cls("x"))
+        if sent is not None:
+            seen = table.setdefault(sent.type, (sent.status_code, registry_cls.__name__))
+            assert seen[0] == sent.status_code, f"{sent.type} has two statuses on the server"
     for status, error_type in api_errors._STATUS_TYPES.items():
         seen = table.setdefault(error_type, (status, None))
         assert seen[0] == status, f"{error_type}: {status} and {seen[0]} on the server"
