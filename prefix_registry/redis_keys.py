@@ -166,7 +166,8 @@ end
 
 # Store one version within the tenant's storage limits: blob, metadata, the version and name
 # indexes, the stored-bytes counter, and announce it, atomically; unless the newest version has
-# the same upload digest (a retried upload): then nothing is written and that version is answered.
+# the same upload digest (a retried upload): then nothing is written, the change is announced
+# again and that version is answered.
 # KEYS: blob, meta hash, versions zset, names zset, stored-bytes counter.
 # ARGV: blob, version, name, channel, message, size_bytes, max prefixes or "", max stored bytes
 # or "", key stem of the tenant's prefixes, upload digest, then the meta hash's field, value, ...
@@ -177,6 +178,9 @@ local top = redis.call("ZREVRANGE", KEYS[3], 0, 0)
 if #top > 0 then
   local newest = ARGV[9] .. ARGV[3] .. ":" .. top[1] .. ":meta"
   if redis.call("HGET", newest, "upload_digest") == ARGV[10] then
+    -- announced again: a subscriber that missed the first announcement (it was reconnecting,
+    -- say during a failover, when pub/sub delivers to no one) hears of it from the retry
+    redis.call("PUBLISH", ARGV[4], ARGV[5])
     return {0, tonumber(top[1]) or 0}
   end
 end

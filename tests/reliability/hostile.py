@@ -101,11 +101,14 @@ def _openai() -> Iterator[Case]:
         {"presence_penalty": 5}, {"logit_bias": {"1": 100}}, {"suffix": "x"},
         {"max_tokens": 10**12}, {"max_tokens": 0}, {"seed": 2**64}, {"temperature": 3},
         {"prompt": [2**63]}, {"prompt": [-1]}, {"prompt": [10**9]}, {"prompt": []},
-        {"prompt": ["a", "b"]}, {"prompt": None}, {"stop": ["x"] * 17}, {"model": ""},
+        {"prompt": ["a", None]}, {"prompt": None}, {"stop": ["x"] * 17}, {"model": ""},
         {"model": "x" * 300}, {"model": "nope"}, {"stream_options": {"include_usage": "x"}},
     ]
     for i, change in enumerate(variations):
         yield Case(f"completions.{i}", "POST", "/v1/completions", json_body={**base, **change})
+    # Several prompts in one request are served (each its own engine request).
+    yield Case("completions.several_prompts", "POST", "/v1/completions", expect="2xx",
+               json_body={**base, "prompt": ["a", "b"]})
     chat = {"model": "BASE", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
     chat_variations: list[dict[str, Any]] = [
         {"messages": []}, {"messages": [{"role": "wizard", "content": "hi"}]},

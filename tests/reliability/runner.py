@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from collections import Counter
@@ -14,6 +15,7 @@ import httpx
 from tests.reliability.hostile import Case
 
 ANSWER_DEADLINE_S = 60.0
+UPLOADS_PER_TENANT = 2  # the server's default
 
 
 @dataclass
@@ -29,9 +31,12 @@ async def run_corpus(client: httpx.AsyncClient, url: str, cases: Sequence[Case],
                      concurrency: int = 8) -> CorpusReport:
     report = CorpusReport()
     gate = asyncio.Semaphore(concurrency)
+    # A tenant may have two uploads in progress (--max-concurrent-uploads-per-tenant): the
+    # corpus sends its uploads two at a time, so each case is judged on its content.
+    uploads = asyncio.Semaphore(UPLOADS_PER_TENANT)
 
     async def one(case: Case) -> None:
-        async with gate:
+        async with gate, (uploads if case.files or case.data else contextlib.nullcontext()):
             response = await _send(client, url, case, keys, base_model)
         _score(report, case, response)
 
